@@ -1,0 +1,37 @@
+"""Dynamic padding: each batch is padded to its own longest sample; labels are padded with -100."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import IGNORE_INDEX
+
+
+@dataclass
+class PadCollator:
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    padding_side: str = "right"
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            ids = list(f["input_ids"])
+            labels = list(f["labels"]) if "labels" in f else None
+            pad = longest - len(ids)
+            rows = {
+                "input_ids": (ids, self.pad_token_id),
+                "attention_mask": ([1] * len(ids), 0),
+                "labels": (labels, IGNORE_INDEX),
+            }
+            for key, (values, fill) in rows.items():
+                if values is None:
+                    continue
+                padded = values + [fill] * pad if self.padding_side == "right" else [fill] * pad + values
+                batch[key].append(padded)
+        return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items() if rows}

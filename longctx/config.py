@@ -1,0 +1,238 @@
+"""Arguments for every experiment: dataclasses parsed by HfArgumentParser from config.yaml + command line.
+
+    python experiments/009_text_summary/train_cluster.py --config experiments/009_text_summary/config.yaml --help
+
+Precedence: code default < config.yaml < command-line flag. config.yaml is flat (one key per setting, the same
+name as the flag and the attribute); an unknown key or flag is an error that names it. Everything here is checked
+before any weights, data or process group is touched (see `validate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import enum
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+
+class ConfigError(ValueError):
+    """A setting is wrong. The message names the setting, the value and the fix."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="Qwen/Qwen3-4B-Instruct-2507",
+        metadata={"help": "Base model: a hub id or a local directory with config + weights."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer, when it is not stored with the model."}
+    )
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = field(
+        default="auto",
+        metadata={"help": "auto: flash_attention_2 when flash_attn imports on CUDA, else PyTorch sdpa. "
+                          "eager materialises seq x seq scores: never use it at long context."},
+    )
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        default="auto",
+        metadata={"help": "Weight dtype. auto: bfloat16 on a GPU that supports it, float32 on CPU."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run Python code shipped with the model repository. Off unless you trust its author."},
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training records, .jsonl/.json or .parquet (one record per line/row)."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Validation records, same format. Used for eval loss and ROUGE."}
+    )
+    document_field: str = field(default="document", metadata={"help": "Record field holding the long input."})
+    summary_field: str = field(default="summary", metadata={"help": "Record field holding the target."})
+    id_field: str = field(
+        default="id", metadata={"help": "Record field naming the record in reports; <split>:<row> when absent."}
+    )
+    instruction: str = field(
+        default="Summarize the following legal document.",
+        metadata={"help": "Text placed before the document in the user turn."},
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "Optional system turn."})
+    max_seq_length: int = field(
+        default=262144,
+        metadata={"help": "Longest prompt + summary in tokens. Longer samples follow length_policy."},
+    )
+    length_policy: Literal["drop", "truncate_document"] = field(
+        default="drop",
+        metadata={"help": "drop: leave out samples longer than max_seq_length. truncate_document: cut the end of "
+                          "the document (never the instruction or the summary). Both are listed in "
+                          "OUTPUT_DIR/length_report.jsonl."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad each batch to a multiple of N tokens (8 suits tensor cores)."}
+    )
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank. Higher: more capacity and memory."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Module names that get LoRA adapters ('all-linear' for every linear layer)."},
+    )
+
+
+@dataclass
+class GenerationArguments:
+    max_new_tokens: int = field(default=512, metadata={"help": "Longest generated summary (evaluation)."})
+    generation_batch_size: int = field(
+        default=1, metadata={"help": "Prompts generated together (left padded) in evaluation."}
+    )
+
+
+DATACLASSES = (ModelArguments, DataArguments, LoraArguments, GenerationArguments, TrainingArguments)
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def build_parser(dataclass_types=DATACLASSES) -> HfArgumentParser:
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", default=None, help="config.yaml with values for any of the settings below.")
+    return parser
+
+
+def load_yaml(path: str | os.PathLike, known_keys: set[str]) -> dict[str, Any]:
+    """Read a flat config.yaml; unknown keys are errors that suggest the nearest known key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (set CONFIG or --config to an existing config.yaml).")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected 'key: value' lines at the top level, got {type(values).__name__}.")
+    for key in values:
+        if key not in known_keys:
+            near = difflib.get_close_matches(str(key), sorted(known_keys), n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else " See --help for every setting."
+            raise ConfigError(f"{path}: unknown setting '{key}'.{hint}")
+    return values
+
+
+def parse_config(argv: list[str] | None = None, dataclass_types=DATACLASSES, tolerated_keys: set[str] = frozenset()):
+    """Parse `--config FILE` plus flags into the dataclasses, flags winning over the file.
+
+    Returns (dataclass instances, config path, extra): config keys in `tolerated_keys` that these dataclasses do
+    not define (e.g. training settings read by the evaluation tool) are returned in `extra` instead of rejected.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+
+    parser = build_parser(dataclass_types)
+    extra: dict[str, Any] = {}
+    if known.config:
+        dests = {action.dest for action in parser._actions} - {"help", "config"}
+        values = load_yaml(known.config, dests | set(tolerated_keys))
+        extra = {k: values.pop(k) for k in list(values) if k not in dests}
+        parser.set_defaults(**values)
+        for action in parser._actions:  # a value in the file satisfies a required flag
+            if action.dest in values:
+                action.required = False
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as err:  # a dataclass __post_init__ (e.g. TrainingArguments) rejected a value
+        raise ConfigError(f"{known.config or 'command line'}: {err}") from err
+    if remaining:
+        flags = sorted(f"--{d}" for d in {action.dest for action in parser._actions})
+        near = difflib.get_close_matches(remaining[0].split("=")[0], flags, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else " See --help for every setting."
+        raise ConfigError(f"command line: unknown argument(s) {remaining}.{hint}")
+    return tuple(p for p in parsed if not isinstance(p, argparse.Namespace)), known.config, extra
+
+
+def resolved_config(*args) -> dict[str, Any]:
+    """Every setting's final value, flat, as a config.yaml would hold it (for the run directory)."""
+    out: dict[str, Any] = {}
+    for obj in args:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            if isinstance(value, (str, int, float, bool, type(None), list, dict)):
+                out[f.name] = value
+            else:
+                out[f.name] = str(value)
+    return out
+
+
+def _check(ok: bool, setting: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"setting '{setting}' = {value!r}: {fix}")
+
+
+def validate_data(data: DataArguments, need_train: bool = True) -> None:
+    files = [("validation_file", data.validation_file)]
+    if need_train:
+        files.insert(0, ("train_file", data.train_file))
+    for name, path in files:
+        _check(path is not None, name, path, "set it to a .jsonl, .json or .parquet file of records.")
+        _check(Path(path).suffix in DATA_SUFFIXES, name, path, f"use one of {', '.join(DATA_SUFFIXES)}.")
+        _check(Path(path).is_file(), name, path, "file not found; check the path (relative paths start at the "
+                                                  "directory you launch from, the repository root for launchers).")
+    _check(data.max_seq_length > 0, "max_seq_length", data.max_seq_length, "use a positive number of tokens.")
+    _check(data.document_field != data.summary_field, "summary_field", data.summary_field,
+           "must differ from document_field.")
+    for name in ("max_train_samples", "max_eval_samples", "pad_to_multiple_of", "preprocessing_num_workers"):
+        value = getattr(data, name)
+        _check(value is None or value > 0, name, value, "use a positive integer or leave it unset.")
+
+
+def validate(model: ModelArguments, data: DataArguments, lora: LoraArguments, gen: GenerationArguments,
+             training: TrainingArguments) -> None:
+    """Every check that can run before weights, data or process groups are touched."""
+    validate_data(data)
+    _check(lora.lora_r > 0, "lora_r", lora.lora_r, "use a positive rank such as 8, 16 or 64.")
+    _check(lora.lora_alpha > 0, "lora_alpha", lora.lora_alpha, "use a positive value, typically 2 x lora_r.")
+    _check(0.0 <= lora.lora_dropout < 1.0, "lora_dropout", lora.lora_dropout, "use a value in [0, 1).")
+    _check(len(lora.lora_target_modules) > 0, "lora_target_modules", lora.lora_target_modules,
+           "name at least one module, e.g. [q_proj, v_proj], or 'all-linear'.")
+    _check(gen.max_new_tokens > 0, "max_new_tokens", gen.max_new_tokens, "use a positive number of tokens.")
+    _check(gen.generation_batch_size > 0, "generation_batch_size", gen.generation_batch_size, "use 1 or more.")
+    if training.do_eval or str(training.eval_strategy) not in ("no", "IntervalStrategy.NO"):
+        _check(training.prediction_loss_only, "prediction_loss_only", training.prediction_loss_only,
+               "set it to true: evaluation during training computes the loss only; gathering full-vocabulary "
+               "logits of long samples would need tens of GiB. ROUGE runs afterwards (eval_all_checkpoints.sh).")
+    _check(not training.load_best_model_at_end, "load_best_model_at_end", training.load_best_model_at_end,
+           "set it to false: eval_all_checkpoints.sh picks the best checkpoint by ROUGE after training.")
+    if model.attn_implementation == "eager":
+        _check(data.max_seq_length <= 8192, "attn_implementation", "eager",
+               "eager attention materialises seq x seq scores; use auto or sdpa above 8192 tokens.")
+    if training.report_to and "wandb" in training.report_to:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("setting 'report_to' includes wandb but wandb is not installed: "
+                              "pip install -r requirements.txt, or set report_to: none.") from err
+    if training.deepspeed and isinstance(training.deepspeed, str):
+        _check(Path(training.deepspeed).is_file(), "deepspeed", training.deepspeed,
+               "file not found; point it at the experiment's ds_config_zero2.json.")

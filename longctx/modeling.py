@@ -1,0 +1,74 @@
+"""Tokenizer + base model (attention backend, dtype) + LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .config import LoraArguments, ModelArguments
+
+
+def resolve_attn_implementation(requested: str = "auto") -> str:
+    """flash_attention_2 when flash_attn imports on CUDA, else PyTorch SDPA (memory-efficient kernels, no seq x seq
+    matrix on GPU). An explicit request is honoured, and flash_attention_2 without its package is an error."""
+    has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
+        raise ValueError("setting 'attn_implementation' = 'flash_attention_2' needs CUDA and the flash-attn package "
+                         "(pip install flash-attn --no-build-isolation); use auto to fall back to sdpa.")
+    return requested
+
+
+def resolve_dtype(requested: str = "auto") -> torch.dtype:
+    if requested == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, requested)
+
+
+def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ValueError(f"tokenizer of '{model_args.model_name_or_path}' has no chat template; use an instruct "
+                         f"model or set tokenizer_name_or_path to a tokenizer that has one.")
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_base_model(model_args: ModelArguments, training: bool = True):
+    from transformers import AutoModelForCausalLM
+
+    attn = resolve_attn_implementation(model_args.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=resolve_dtype(model_args.torch_dtype),
+        attn_implementation=attn,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if training:
+        model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def apply_lora(model, lora_args: LoraArguments):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = lora_args.lora_target_modules
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+    )
+    return get_peft_model(model, config)

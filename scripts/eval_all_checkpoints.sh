@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Shared evaluation launcher; experiments call it from their eval_all_checkpoints.sh:
+#   bash scripts/eval_all_checkpoints.sh experiments/009_text_summary [--any_setting value ...]
+# Scores every complete checkpoint of OUTPUT_DIR in step order, then final_adapter, with ROUGE; appends one row per
+# checkpoint to OUTPUT_DIR/eval_results.jsonl and prints the table by step with the best checkpoint marked.
+set -euo pipefail
+
+EXP_DIR="$(cd "${1:?usage: eval_all_checkpoints.sh EXPERIMENT_DIR [--setting value ...]}" && pwd)"
+shift
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+EXP_NAME="$(basename "$EXP_DIR")"
+
+CONFIG="${CONFIG:-$EXP_DIR/config.yaml}"
+OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"               # the training run to score
+WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"
+WANDB_MODE="${WANDB_MODE:-}"                             # empty: offline without credentials
+PYTHON="${PYTHON:-python}"
+
+cd "$REPO_ROOT"
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -z "$WANDB_MODE" ]]; then
+  if [[ -n "${WANDB_API_KEY:-}" ]] || grep -qs "api.wandb.ai" "$HOME/.netrc"; then WANDB_MODE=online; else WANDB_MODE=offline; fi
+fi
+export WANDB_PROJECT WANDB_MODE WANDB_DIR="${WANDB_DIR:-$OUTPUT_DIR}"
+
+CMD=("$PYTHON" "$EXP_DIR/eval_checkpoint.py" --config "$CONFIG" --run_dir "$OUTPUT_DIR" --all_checkpoints)
+echo "+ ${CMD[*]} $*"
+exec "${CMD[@]}" "$@"

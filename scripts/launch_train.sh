@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Shared training launcher; experiments call it from their launch_train.sh:
+#   bash scripts/launch_train.sh experiments/009_text_summary [--any_setting value ...]
+# Every knob is an environment variable with its default below; flags after the experiment folder are
+# settings from config.yaml (`train_cluster.py --help` lists them) and win over the file.
+set -euo pipefail
+
+EXP_DIR="$(cd "${1:?usage: launch_train.sh EXPERIMENT_DIR [--setting value ...]}" && pwd)"
+shift
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+EXP_NAME="$(basename "$EXP_DIR")"
+
+detect_gpus() { (nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true) | grep -c . || true; }
+GPUS_FOUND="$(detect_gpus)"
+
+CONFIG="${CONFIG:-$EXP_DIR/config.yaml}"                # the experiment's settings
+OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"                # checkpoints, final_adapter, reports, W&B files
+NUM_PROCESSES="${NUM_PROCESSES:-$(( GPUS_FOUND > 0 ? GPUS_FOUND : 1 ))}"  # per machine: one per GPU
+NUM_MACHINES="${NUM_MACHINES:-1}"                         # multi-node: run this script on every machine
+MACHINE_RANK="${MACHINE_RANK:-0}"                         # 0 .. NUM_MACHINES-1
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"                   # address of machine 0, reachable from the others
+MASTER_PORT="${MASTER_PORT:-29500}"
+LAUNCHER="${LAUNCHER:-accelerate}"                        # accelerate | deepspeed
+USE_DEEPSPEED="${USE_DEEPSPEED:-auto}"                    # auto: ZeRO-2 on GPUs or with >1 process; 1 | 0
+DS_CONFIG="${DS_CONFIG:-$EXP_DIR/ds_config_zero2.json}"
+REQUIRE_GPU="${REQUIRE_GPU:-0}"                           # 1: refuse to start without CUDA GPUs
+WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"
+WANDB_MODE="${WANDB_MODE:-}"                              # online | offline; empty: offline without credentials
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-}"                    # empty: 1 per process when several share a CPU
+PYTHON="${PYTHON:-python}"
+
+cd "$REPO_ROOT"
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ "$GPUS_FOUND" -eq 0 && "$REQUIRE_GPU" == "1" ]]; then
+  echo "error: $EXP_NAME is sized for CUDA GPUs and this machine has none (nvidia-smi found no GPU)." >&2
+  echo "       To run the same code path on a CPU in minutes: bash experiments/000_tiny_smoke/launch_train.sh" >&2
+  exit 1
+fi
+if [[ "$LAUNCHER" != "accelerate" && "$LAUNCHER" != "deepspeed" ]]; then
+  echo "error: LAUNCHER=$LAUNCHER; use accelerate or deepspeed." >&2
+  exit 2
+fi
+if [[ "$USE_DEEPSPEED" == "auto" ]]; then
+  USE_DEEPSPEED=$(( GPUS_FOUND > 0 || NUM_PROCESSES * NUM_MACHINES > 1 ? 1 : 0 ))
+fi
+if [[ "$LAUNCHER" == "deepspeed" && "$USE_DEEPSPEED" != "1" ]]; then
+  echo "error: LAUNCHER=deepspeed needs USE_DEEPSPEED=1 (or auto)." >&2
+  exit 2
+fi
+if [[ -z "$OMP_NUM_THREADS" && "$GPUS_FOUND" -eq 0 && "$NUM_PROCESSES" -gt 1 ]]; then
+  OMP_NUM_THREADS=1  # processes sharing CPU cores oversubscribe them otherwise (8x slower measured)
+fi
+[[ -n "$OMP_NUM_THREADS" ]] && export OMP_NUM_THREADS
+
+# W&B: online only with credentials; the key's value is never printed.
+if [[ -z "$WANDB_MODE" ]]; then
+  if [[ -n "${WANDB_API_KEY:-}" ]] || grep -qs "api.wandb.ai" "$HOME/.netrc"; then WANDB_MODE=online; else WANDB_MODE=offline; fi
+fi
+mkdir -p "$OUTPUT_DIR"
+export WANDB_PROJECT WANDB_MODE WANDB_DIR="${WANDB_DIR:-$OUTPUT_DIR}"
+
+SCRIPT_ARGS=(--config "$CONFIG" --output_dir "$OUTPUT_DIR")
+[[ "$USE_DEEPSPEED" == "1" ]] && SCRIPT_ARGS+=(--deepspeed "$DS_CONFIG")
+
+if [[ "$LAUNCHER" == "deepspeed" ]]; then
+  LAUNCH=(deepspeed --num_nodes "$NUM_MACHINES" --num_gpus "$NUM_PROCESSES" --master_addr "$MASTER_ADDR"
+          --master_port "$MASTER_PORT")
+  # Multi-node: started on every machine like the accelerate path (no hostfile or pdsh needed).
+  [[ "$NUM_MACHINES" -gt 1 ]] && LAUNCH+=(--no_ssh --node_rank "$MACHINE_RANK")
+else
+  LAUNCH=(accelerate launch --num_processes "$(( NUM_PROCESSES * NUM_MACHINES ))" --num_machines "$NUM_MACHINES"
+          --machine_rank "$MACHINE_RANK" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"
+          --dynamo_backend no --mixed_precision no)
+  if [[ "$USE_DEEPSPEED" == "1" ]]; then
+    LAUNCH+=(--use_deepspeed --deepspeed_config_file "$DS_CONFIG")
+  elif [[ "$NUM_PROCESSES" -gt 1 || "$NUM_MACHINES" -gt 1 ]]; then
+    LAUNCH+=(--multi_gpu)
+  fi
+  [[ "$GPUS_FOUND" -eq 0 && "$USE_DEEPSPEED" != "1" && "$NUM_PROCESSES" -eq 1 ]] && LAUNCH+=(--cpu)
+fi
+
+echo "+ ${LAUNCH[*]} $EXP_DIR/train_cluster.py ${SCRIPT_ARGS[*]} $*"
+echo "  (W&B mode: $WANDB_MODE, project: $WANDB_PROJECT; OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset})"
+status=0
+"${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SCRIPT_ARGS[@]}" "$@" || status=$?
+if [[ "$WANDB_MODE" == "offline" && -d "$WANDB_DIR/wandb" ]]; then
+  echo "W&B ran offline; to upload later: wandb sync $WANDB_DIR/wandb/offline-run-*"
+fi
+exit "$status"
