@@ -15,6 +15,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"               # the training run to s
 WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"
 WANDB_MODE="${WANDB_MODE:-}"                             # empty: offline without credentials
 PYTHON="${PYTHON:-python}"
+DRY_RUN="${DRY_RUN:-0}"                                  # 1: print the command and exit without running it
 
 cd "$REPO_ROOT"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,4 +26,5 @@ export WANDB_PROJECT WANDB_MODE WANDB_DIR="${WANDB_DIR:-$OUTPUT_DIR}"
 
 CMD=("$PYTHON" "$EXP_DIR/eval_checkpoint.py" --config "$CONFIG" --run_dir "$OUTPUT_DIR" --all_checkpoints)
 echo "+ ${CMD[*]} $*"
+[[ "$DRY_RUN" == "1" ]] && exit 0
 exec "${CMD[@]}" "$@"

@@ -27,7 +27,7 @@ REQUIRE_GPU="${REQUIRE_GPU:-0}"                           # 1: refuse to start w
 WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"
 WANDB_MODE="${WANDB_MODE:-}"                              # online | offline; empty: offline without credentials
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-}"                    # empty: 1 per process when several share a CPU
-PYTHON="${PYTHON:-python}"
+DRY_RUN="${DRY_RUN:-0}"                                   # 1: print the command and exit without running it
 
 cd "$REPO_ROOT"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -82,6 +82,7 @@ fi
 
 echo "+ ${LAUNCH[*]} $EXP_DIR/train_cluster.py ${SCRIPT_ARGS[*]} $*"
 echo "  (W&B mode: $WANDB_MODE, project: $WANDB_PROJECT; OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset})"
+[[ "$DRY_RUN" == "1" ]] && exit 0
 status=0
 "${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SCRIPT_ARGS[@]}" "$@" || status=$?
 if [[ "$WANDB_MODE" == "offline" && -d "$WANDB_DIR/wandb" ]]; then

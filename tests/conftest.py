@@ -1,0 +1,62 @@
+"""Shared fixtures: offline environment, the tiny assets (built once per session), small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_DIR = REPO_ROOT / ".cache" / "tiny_smoke"  # the same place the 000 launcher builds them, so both reuse it
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """.cache/tiny_smoke with model/ (tokenizer + tiny Qwen3) and data/{train,validation}.jsonl."""
+    from longctx import tiny
+
+    return tiny.build(TINY_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir / "model")
+
+
+@pytest.fixture()
+def tiny_model(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype="float32")
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    """Write records (dicts, or raw str lines written as they are) one per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+    return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for launcher subprocesses: offline, repo importable, one thread per process."""
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "WANDB_MODE": "offline", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
+    env.update(extra)
+    return env
