@@ -12,6 +12,11 @@ EXP_NAME="$(basename "$EXP_DIR")"
 
 detect_gpus() { (nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true) | grep -c . || true; }
 GPUS_FOUND="$(detect_gpus)"
+CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-}"          # e.g. 0,1,2,3; empty: every GPU of the machine
+if [[ -n "$CUDA_VISIBLE_DEVICES" && "$GPUS_FOUND" -gt 0 ]]; then
+  export CUDA_VISIBLE_DEVICES
+  GPUS_FOUND="$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)"
+fi
 
 CONFIG="${CONFIG:-$EXP_DIR/config.yaml}"                # the experiment's settings
 OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"                # checkpoints, final_adapter, reports, W&B files
