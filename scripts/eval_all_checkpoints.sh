@@ -10,14 +10,18 @@ shift
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXP_NAME="$(basename "$EXP_DIR")"
 
-CONFIG="${CONFIG:-$EXP_DIR/config.yaml}"
 OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"               # the training run to score
+CONFIG="${CONFIG:-}"                                     # empty: the run's own settings (OUTPUT_DIR/run_config.yaml)
 WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"
 WANDB_MODE="${WANDB_MODE:-}"                             # empty: offline without credentials
 PYTHON="${PYTHON:-python}"
 DRY_RUN="${DRY_RUN:-0}"                                  # 1: print the command and exit without running it
 
 cd "$REPO_ROOT"
+if [[ -z "$CONFIG" ]]; then
+  # Score with the settings the run was trained with (flags given at training time included).
+  if [[ -f "$OUTPUT_DIR/run_config.yaml" ]]; then CONFIG="$OUTPUT_DIR/run_config.yaml"; else CONFIG="$EXP_DIR/config.yaml"; fi
+fi
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -z "$WANDB_MODE" ]]; then
   if [[ -n "${WANDB_API_KEY:-}" ]] || grep -qs "api.wandb.ai" "$HOME/.netrc"; then WANDB_MODE=online; else WANDB_MODE=offline; fi

@@ -1,0 +1,137 @@
+"""End to end through the real launchers: train (1 process, and 2 processes under DeepSpeed ZeRO-2) -> checkpoints
+-> final adapter -> eval_all_checkpoints.sh -> ROUGE rows that match rouge_score -> W&B offline run read back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, subprocess_env
+from rouge_score import rouge_scorer
+
+from longctx.metrics import ROUGE_TYPES, sentences_per_line
+
+pytestmark = pytest.mark.e2e
+TRAIN = REPO_ROOT / "experiments" / "000_tiny_smoke" / "launch_train.sh"
+EVAL = REPO_ROOT / "experiments" / "000_tiny_smoke" / "eval_all_checkpoints.sh"
+# Small but complete: 16 records (2 of them too long -> dropped), 7 optimizer steps, checkpoints at 3, 6, 7.
+QUICK = ["--max_train_samples", "16", "--max_eval_samples", "4", "--num_train_epochs", "1", "--save_steps", "3",
+         "--eval_steps", "3", "--logging_steps", "1"]
+
+
+def run(cmd: list[str], timeout: float, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """History rows of an offline W&B run, read back with `wandb leet inspect --json`."""
+    proc = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return [r["history"]["item"] for r in rows if r.get("type") == "history"]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("run1")
+    proc, seconds = run(["bash", str(TRAIN), *QUICK], timeout=600, OUTPUT_DIR=str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_single_process_writes_checkpoints_final_adapter_and_run_info(single_run):
+    out, proc = single_run
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-7"]
+    for ckpt in out.glob("checkpoint-*"):
+        assert (ckpt / "adapter_model.safetensors").stat().st_size > 0
+        assert (ckpt / "trainer_state.json").is_file()
+        assert (ckpt / "optimizer.pt").is_file()
+    final = out / "final_adapter"
+    assert (final / "adapter_model.safetensors").stat().st_size > 0
+    assert (final / "tokenizer_config.json").is_file()
+    assert json.loads((final / "final_state.json").read_text())["global_step"] == 7
+
+    info = json.loads((out / "run_info.json").read_text())
+    assert len(info["git"]["commit"] or "") == 40
+    assert info["packages"]["transformers"] and info["packages"]["peft"]
+    assert info["attn_implementation"] == "sdpa"
+    assert "max_seq_length: 1024" in (out / "run_config.yaml").read_text()
+
+    report = [json.loads(line) for line in (out / "length_report.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in report} == {"case-00000", "case-00001"}
+    assert all(r["length_action"] == "drop" and r["original_tokens"] > 1024 for r in report)
+    assert "train: 16 records, 2 dropped, 0 truncated" in proc.stdout
+    assert "attention: sdpa" in proc.stdout
+
+
+def test_final_adapter_loads_and_changes_the_model(single_run, tiny_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = single_run
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
+    ids = torch.arange(5, 40).unsqueeze(0)
+    before = base(input_ids=ids).logits
+    model = PeftModel.from_pretrained(base, str(out / "final_adapter"))
+    after = model(input_ids=ids).logits
+    assert (after - before).abs().max() > 1e-3  # a trained (non-empty, non-zero) adapter
+
+
+def test_wandb_offline_run_has_train_and_eval_loss(single_run):
+    out, proc = single_run
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history = wandb_history(runs[0])
+    train_losses = [h["train/loss"] for h in history if "train/loss" in h]
+    eval_rows = [h for h in history if "eval/loss" in h]
+    assert len(train_losses) == 7 and all(0 < x < 20 for x in train_losses)
+    assert [h["train/global_step"] for h in eval_rows] == [3, 6, 7]  # every eval_steps, and at the end
+    assert all(abs(h["eval/perplexity"] - __import__("math").exp(h["eval/loss"])) < 1e-3 * h["eval/perplexity"]
+               for h in eval_rows)
+    assert all(h["train/tokens_per_second_per_gpu"] > 0 for h in history if "train/loss" in h)
+    assert "wandb sync" in proc.stdout
+
+
+def test_eval_all_checkpoints_rows_match_rouge_score(single_run):
+    out, _ = single_run
+    proc, _ = run(["bash", str(EVAL), "--report_to", "none"], timeout=600, OUTPUT_DIR=str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "eval_results.jsonl").read_text().splitlines()]
+    assert [(r["checkpoint"], r["global_step"]) for r in rows] == [
+        ("checkpoint-3", 3), ("checkpoint-6", 6), ("checkpoint-7", 7), ("final_adapter", 7)]
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    for row in rows:
+        preds = [json.loads(line) for line in (out / row["checkpoint"] / "eval_predictions.jsonl").open()]
+        assert len(preds) == row["num_examples"] == 4
+        assert set(preds[0]) == {"id", "prediction", "reference"}
+        for metric in ROUGE_TYPES:
+            expected = sum(scorer.score(sentences_per_line(p["reference"]), sentences_per_line(p["prediction"]))
+                           [metric].fmeasure for p in preds) / len(preds)
+            assert row[metric] == pytest.approx(expected, abs=1e-12)
+            assert 0.0 <= row[metric] <= 1.0
+    best = max(rows, key=lambda r: r["rougeLsum"])
+    marked = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(" *")]
+    assert len(marked) == 1 and marked[0].startswith(best["checkpoint"])
+
+
+def test_two_processes_deepspeed_zero2_finish_promptly(tmp_path, tiny_dir):
+    proc, _ = run(["bash", str(TRAIN), *QUICK, "--report_to", "none"], timeout=600,
+                        OUTPUT_DIR=str(tmp_path), NUM_PROCESSES="2", MASTER_PORT="29517")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "--use_deepspeed" in proc.stdout and "ds_config_zero2.json" in proc.stdout
+    assert "processes: 2" in proc.stdout
+    # 14 kept records over 2 processes x 2 accumulation steps -> 4 optimizer steps (the last one partial).
+    final_state = json.loads((tmp_path / "final_adapter" / "final_state.json").read_text())
+    assert final_state["global_step"] == 4
+    ckpt = tmp_path / "checkpoint-3"
+    assert (ckpt / "adapter_model.safetensors").stat().st_size > 0
+    assert list(ckpt.glob("global_step3/*optim_states.pt")), "DeepSpeed ZeRO state missing from checkpoint"
+    assert len(list(ckpt.glob("global_step3/*optim_states.pt"))) == 2  # ZeRO-2: one optimizer shard per rank
+    assert "training finished" in proc.stdout
