@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from pathlib import Path
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"  # written last: lists every file with its size (and sha256 of the adapter files)
+HASHED = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -27,8 +30,61 @@ class Checkpoint:
         return self.path.name
 
 
-def adapter_problem(path: Path) -> str | None:
-    """Why this directory is not a loadable adapter, or None when it is."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(path: str | Path, global_step: int, git_commit: str | None) -> dict:
+    """Record every file under `path` (size; sha256 for the adapter files), then write manifest.json last, via a
+    rename, so its presence means the directory was written whole."""
+    path = Path(path)
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
+        entry = {"size": file.stat().st_size}
+        if file.name in HASHED:
+            entry["sha256"] = _sha256(file)
+        files[file.relative_to(path).as_posix()] = entry
+    manifest = {"global_step": global_step, "git_commit": git_commit, "files": files}
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    tmp.replace(path / MANIFEST)
+    return manifest
+
+
+def manifest_problem(path: Path) -> str | None:
+    """Why the files of `path` do not match its manifest.json (missing, truncated, altered), or None."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing (the save did not finish)"
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    for name, entry in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing (listed in {MANIFEST})"
+        if file.stat().st_size != entry["size"]:
+            return f"{name} has {file.stat().st_size} bytes, {MANIFEST} says {entry['size']} (truncated or altered)"
+        if "sha256" in entry and _sha256(file) != entry["sha256"]:
+            return f"{name} does not match its sha256 in {MANIFEST} (altered after saving)"
+    return None
+
+
+def adapter_problem(path: Path, require_manifest: bool = True) -> str | None:
+    """Why this directory is not a complete, loadable adapter, or None when it is.
+
+    Checkpoints written by this project carry manifest.json (written last); require_manifest=False accepts an
+    adapter saved elsewhere (e.g. `eval_checkpoint.py --checkpoint` on a downloaded adapter) with the file checks only.
+    """
+    path = Path(path)
+    if require_manifest or (path / MANIFEST).exists():
+        problem = manifest_problem(path)
+        if problem:
+            return problem
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (path / name).is_file():
             return f"{name} is missing"
@@ -51,13 +107,14 @@ def global_step_of(path: Path) -> int | None:
     match = CHECKPOINT_RE.match(path.name)
     if match:
         return int(match.group(1))
-    state = path / "final_state.json"
-    if state.is_file():
-        return int(json.loads(state.read_text())["global_step"])
+    for name in (MANIFEST, "final_state.json"):
+        if (path / name).is_file():
+            return int(json.loads((path / name).read_text())["global_step"])
     return None
 
 
-def find_checkpoints(run_dir: str | Path, include_final: bool = True, warn=print) -> list[Checkpoint]:
+def find_checkpoints(run_dir: str | Path, include_final: bool = True, warn=print,
+                     require_manifest: bool = True) -> list[Checkpoint]:
     """checkpoint-N directories in step order, then final_adapter; incomplete ones are skipped with a warning."""
     run_dir = Path(run_dir)
     candidates = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
@@ -67,7 +124,7 @@ def find_checkpoints(run_dir: str | Path, include_final: bool = True, warn=print
         candidates.append(final)
     found = []
     for path in candidates:
-        problem = adapter_problem(path)
+        problem = adapter_problem(path, require_manifest)
         if problem:
             warn(f"skipping {path}: {problem}")
             continue
@@ -90,10 +147,12 @@ def verify_adapter(path: str | Path, model) -> int:
     from safetensors import safe_open
 
     path = Path(path)
+    if not hasattr(model, "peft_config"):
+        raise AdapterError("the model has no LoRA adapter to verify; wrap it with peft first.")
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
     if not expected:
         raise AdapterError("the model has no LoRA parameters to save; check lora_target_modules.")
-    problem = adapter_problem(path)
+    problem = adapter_problem(path, require_manifest=False)
     if problem:
         raise AdapterError(f"{path}: {problem}")
     with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as f:
@@ -105,3 +164,13 @@ def verify_adapter(path: str | Path, model) -> int:
         if saved[key] != shape or 0 in saved[key]:
             raise AdapterError(f"{path}: tensor {key} has shape {saved[key]}, expected {shape}")
     return len(expected)
+
+
+def latest_resumable(run_dir: str | Path, warn=print) -> Checkpoint | None:
+    """The newest complete checkpoint-N that holds trainer state (what RESUME=auto continues from)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    usable = [c for c in find_checkpoints(run_dir, include_final=False, warn=warn)
+              if (c.path / TRAINER_STATE).is_file()]
+    return usable[-1] if usable else None

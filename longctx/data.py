@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +19,43 @@ from .config import DataArguments
 
 IGNORE_INDEX = -100
 LENGTH_REPORT = "length_report.jsonl"
+BAD_RECORDS_REPORT = "bad_records.jsonl"
 
 
 class DataError(ValueError):
     """A record is unusable. The message names the file, the 1-based line, the field and the fix."""
 
 
-def check_records(path: str | Path, data: DataArguments) -> int:
-    """Read every record once, before anything expensive, and stop at the first bad one.
+@dataclass
+class RecordScan:
+    """What reading a data file found: usable records, and the unusable ones (only under on_bad_record: skip)."""
 
-    Returns the number of records. JSONL is checked line by line so that the error names the line; parquet rows
-    are checked by index.
+    path: Path
+    count: int
+    problems: list[dict] = field(default_factory=list)  # {"file", "line" or "row", "reason"}
+    keep_lines: list[int] | None = None  # 1-based lines / rows of the usable records, when some were skipped
+
+
+def check_records(path: str | Path, data: DataArguments) -> RecordScan:
+    """Read every record once, before anything expensive.
+
+    on_bad_record: error stops at the first unusable record with a message naming the file, the 1-based line (or
+    parquet row), the field and the fix; skip collects them instead. A file with no usable record is an error.
     """
     path = Path(path)
     fields = (data.document_field, data.summary_field)
+    skip = data.on_bad_record == "skip"
+    problems, keep = [], []
+
+    def check(record, number: int, where: str, unit: str) -> None:
+        try:
+            _check_record(record, fields, where)
+            keep.append(number)
+        except DataError as err:
+            if not skip:
+                raise
+            problems.append({"file": str(path), unit: number, "reason": str(err).split(": ", 2)[-1]})
+
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -40,35 +64,59 @@ def check_records(path: str | Path, data: DataArguments) -> int:
         if missing:
             raise DataError(f"{path}: column '{missing[0]}' is missing (columns: {table.column_names}); "
                             f"rename it or set document_field / summary_field.")
-        rows = table.select(list(fields)).to_pylist()
-        for row_number, record in enumerate(rows, start=1):
-            _check_record(record, fields, f"{path}: row {row_number}")
-        count = len(rows)
+        for row_number, record in enumerate(table.select(list(fields)).to_pylist(), start=1):
+            check(record, row_number, f"{path}: row {row_number}", "row")
     else:
         raw = path.read_bytes()
         if raw.startswith(b"\xef\xbb\xbf"):
             raise DataError(f"{path}: line 1: starts with a UTF-8 byte-order mark; save the file as UTF-8 "
                             f"without BOM (e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' {path}`).")
-        count = 0
         for line_number, line in enumerate(raw.split(b"\n"), start=1):
             if not line.strip():
                 continue
             where = f"{path}: line {line_number}"
             try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}); "
-                                f"re-encode the file as UTF-8.") from err
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not a JSON object ({err.msg}); each line must hold one record "
-                                f"like {{\"{fields[0]}\": \"...\", \"{fields[1]}\": \"...\"}}.") from err
-            _check_record(record, fields, where)
-            count += 1
-    if count == 0:
-        raise DataError(f"{path}: holds no records; point train_file / validation_file at a non-empty file.")
-    return count
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}); "
+                                    f"re-encode the file as UTF-8.") from err
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: not a JSON object ({err.msg}); each line must hold one record "
+                                    f"like {{\"{fields[0]}\": \"...\", \"{fields[1]}\": \"...\"}}.") from err
+            except DataError as err:
+                if not skip:
+                    raise
+                problems.append({"file": str(path), "line": line_number, "reason": str(err).split(": ", 2)[-1]})
+                continue
+            check(record, line_number, where, "line")
+    if not keep:
+        why = f"all {len(problems)} records are unusable (see the first: {problems[0]['reason']})" if problems \
+            else "holds no records"
+        raise DataError(f"{path}: {why}; point train_file / validation_file at a file of usable records.")
+    return RecordScan(path, len(keep), problems, keep if problems else None)
+
+
+def usable_copy(scan: RecordScan, directory: str | Path) -> Path:
+    """The data file itself when every record is usable; else a copy without the skipped records, in directory."""
+    if scan.keep_lines is None:
+        return scan.path
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / scan.path.name
+    tmp = out.with_name(out.name + ".tmp")
+    if scan.path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(scan.path)
+        pq.write_table(table.take([row - 1 for row in scan.keep_lines]), tmp)
+    else:
+        lines = scan.path.read_bytes().split(b"\n")
+        tmp.write_bytes(b"\n".join(lines[n - 1].rstrip(b"\r") for n in scan.keep_lines) + b"\n")
+    tmp.replace(out)
+    return out
 
 
 def _check_record(record: Any, fields: tuple[str, str], where: str) -> None:

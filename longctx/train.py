@@ -20,13 +20,17 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import enable_full_determinism
 
 from . import checkpoints
-from .callbacks import NonFiniteLossError, ThroughputMeter, gpu_memory, perplexity
+from .callbacks import (ManifestCallback, NonFiniteLossError, StepWatchdogCallback, ThroughputMeter, Watchdog,
+                        gpu_memory, perplexity)
 from .collate import PadCollator
-from .config import ConfigError, parse_config, resolved_config, validate
-from .data import DataError, check_records, tokenize_split, write_length_report
+from .config import (ConfigError, DataArguments, LoraArguments, MemoryArguments, ModelArguments, RunArguments, by_type,
+                     parse_config, resolved_config, validate)
+from .data import (BAD_RECORDS_REPORT, LENGTH_REPORT, DataError, check_records, tokenize_split, usable_copy,
+                   write_length_report)
 from .distributed import deepspeed_on_cpu_args, is_main_process, print0, teardown
 from .loss import summary_loss
 from .modeling import apply_lora, load_base_model, load_tokenizer, resolve_attn_implementation, resolve_dtype
+from .tiling import apply_memory_switches
 
 FINAL_ADAPTER = "final_adapter"
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets", "wandb", "rouge-score",
@@ -86,13 +90,58 @@ def parse_and_validate(argv: list[str] | None = None):
     try:
         parsed, config_path, _ = parse_config(argv)
         validate(*parsed)
-        data_args = parsed[1]
-        counts = {"train": check_records(data_args.train_file, data_args),
-                  "validation": check_records(data_args.validation_file, data_args)}
+        data_args = by_type(parsed)[DataArguments]
+        scans = {"train": check_records(data_args.train_file, data_args),
+                 "validation": check_records(data_args.validation_file, data_args)}
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    return parsed, config_path, counts
+    return parsed, config_path, scans
+
+
+def use_usable_records(scans: dict, data_args, output_dir: str) -> None:
+    """Under on_bad_record: skip, train on copies without the skipped records (OUTPUT_DIR/data_usable/) and list
+    them in OUTPUT_DIR/bad_records.jsonl. The copies' paths go into run_config.yaml, so evaluation reads them too."""
+    problems = [p for scan in scans.values() for p in scan.problems]
+    if not problems:
+        return
+    if is_main_process():
+        with (Path(output_dir) / BAD_RECORDS_REPORT).open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p) + "\n" for p in problems)
+        for split, attr in (("train", "train_file"), ("validation", "validation_file")):
+            if scans[split].problems:
+                setattr(data_args, attr, str(usable_copy(scans[split], Path(output_dir) / "data_usable")))
+    else:
+        for split, attr in (("train", "train_file"), ("validation", "validation_file")):
+            if scans[split].problems:
+                setattr(data_args, attr, str(Path(output_dir) / "data_usable" / scans[split].path.name))
+    print0(f"bad records skipped (on_bad_record: skip): " + ", ".join(
+        f"{split} {len(scan.problems)}" for split, scan in scans.items()) +
+        f"; listed in {Path(output_dir) / BAD_RECORDS_REPORT}")
+
+
+def prepare_output_dir(run, output_dir: str) -> str | None:
+    """Apply resume / overwrite to output_dir; returns the checkpoint to resume from, if any."""
+    out = Path(output_dir)
+    existing = sorted(out.glob("checkpoint-*")) + ([out / FINAL_ADAPTER] if (out / FINAL_ADAPTER).exists() else [])
+    if run.resume == "auto":
+        latest = checkpoints.latest_resumable(out, warn=print0)
+        if latest:
+            print0(f"resuming from {latest.path} (step {latest.global_step}); RESUME=never starts afresh")
+            return str(latest.path)
+        return None
+    if existing and not run.overwrite:
+        print(f"error: setting 'resume' = 'never' but output_dir {out} already holds {existing[0].name}; "
+              f"set RESUME=auto to continue that run, OVERWRITE=1 to delete it and start afresh, or choose "
+              f"another OUTPUT_DIR.", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if existing and is_main_process():
+        for path in existing:
+            shutil.rmtree(path)
+        for name in ("eval_results.jsonl", LENGTH_REPORT, BAD_RECORDS_REPORT):
+            (out / name).unlink(missing_ok=True)
+        print0(f"overwrite: removed {len(existing)} checkpoint(s) and reports from {out}")
+    return None
 
 
 def _git_commit() -> dict[str, str | bool | None]:
@@ -122,15 +171,16 @@ def write_run_info(output_dir: str, config: dict, config_path: str | None, extra
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
-    info = {"git": _git_commit(), "packages": package_versions(), "python": platform.python_version(),
+    info = {"packages": package_versions(), "python": platform.python_version(),
             "command": [sys.executable, *sys.argv], "config_file": config_path,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")), **extra}
     (out / "run_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
-def save_final_adapter(trainer: Trainer, tokenizer, output_dir: str) -> Path:
-    """Rank 0 writes OUTPUT_DIR/final_adapter (peft save_pretrained, safetensors + tokenizer), checks it, and only
-    then moves it into place; every rank then meets at a barrier."""
+def save_final_adapter(trainer: Trainer, tokenizer, output_dir: str, git_commit: str | None) -> Path:
+    """Rank 0 writes OUTPUT_DIR/final_adapter (peft save_pretrained, safetensors + tokenizer), reloads and checks
+    every LoRA tensor, writes manifest.json (sizes, sha256, step, commit), and only then moves it into place;
+    every rank then meets at a barrier."""
     final = Path(output_dir) / FINAL_ADAPTER
     if trainer.is_world_process_zero():
         tmp = final.with_name(f".{FINAL_ADAPTER}.tmp")
@@ -140,6 +190,7 @@ def save_final_adapter(trainer: Trainer, tokenizer, output_dir: str) -> Path:
         tokenizer.save_pretrained(tmp)
         checkpoints.verify_adapter(tmp, model)
         (tmp / "final_state.json").write_text(json.dumps({"global_step": trainer.state.global_step}))
+        checkpoints.write_manifest(tmp, trainer.state.global_step, git_commit)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         print0(f"final adapter saved and verified: {final}")
@@ -161,8 +212,11 @@ def _finish_wandb(output_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    (model_args, data_args, lora_args, gen_args, training_args), config_path, counts = parse_and_validate(argv)
-    training_args: TrainingArguments
+    parsed, config_path, scans = parse_and_validate(argv)
+    args = by_type(parsed)
+    model_args, data_args, lora_args = args[ModelArguments], args[DataArguments], args[LoraArguments]
+    run_args, training_args = args[RunArguments], args[TrainingArguments]
+    output_dir = training_args.output_dir
     if training_args.full_determinism:
         enable_full_determinism(training_args.seed)
     else:
@@ -171,10 +225,15 @@ def main(argv: list[str] | None = None) -> None:
     dtype = resolve_dtype(model_args.torch_dtype)
     print0(f"attention: {attn}; weights: {str(dtype).replace('torch.', '')}; processes: "
            f"{training_args.world_size}; max_seq_length: {data_args.max_seq_length}")
+    with training_args.main_process_first(desc="output_dir"):
+        resume_from = training_args.resume_from_checkpoint or prepare_output_dir(run_args, output_dir)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    with training_args.main_process_first(desc="bad records"):
+        use_usable_records(scans, data_args, output_dir)
+    git = _git_commit()
     if is_main_process():
-        config = resolved_config(model_args, data_args, lora_args, gen_args, training_args)
-        write_run_info(training_args.output_dir, config, config_path,
-                       {"attn_implementation": attn, "dtype": str(dtype)})
+        write_run_info(output_dir, resolved_config(*parsed), config_path,
+                       {"git": git, "attn_implementation": attn, "dtype": str(dtype), "resumed_from": resume_from})
 
     tokenizer = load_tokenizer(model_args)
     with training_args.main_process_first(desc="tokenize"):
@@ -183,13 +242,18 @@ def main(argv: list[str] | None = None) -> None:
         eval_ds, eval_report = tokenize_split(data_args.validation_file, "validation", tokenizer, data_args,
                                               data_args.max_eval_samples)
     if is_main_process():
-        counts = {"train": min(counts["train"], data_args.max_train_samples or counts["train"]),
-                  "validation": min(counts["validation"], data_args.max_eval_samples or counts["validation"])}
-        print0(write_length_report(train_report + eval_report, training_args.output_dir, counts))
+        counts = {split: min(scan.count, limit or scan.count) for (split, scan), limit in
+                  zip(scans.items(), (data_args.max_train_samples, data_args.max_eval_samples))}
+        print0(write_length_report(train_report + eval_report, output_dir, counts))
 
     model = apply_lora(load_base_model(model_args), lora_args)
+    for line in apply_memory_switches(model, args[MemoryArguments], training_args):
+        print0(line)
     if is_main_process():
         model.print_trainable_parameters()
+    callbacks = [ManifestCallback(git["commit"])]
+    if run_args.step_timeout_seconds:
+        callbacks.append(StepWatchdogCallback(run_args.step_timeout_seconds))
     trainer = LongContextTrainer(
         model=model,
         args=training_args,
@@ -197,9 +261,14 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=eval_ds,
         data_collator=PadCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_final_adapter(trainer, tokenizer, training_args.output_dir)
-    _finish_wandb(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    watchdog = Watchdog(run_args.watchdog_timeout_seconds)
+    watchdog.arm("final adapter save and teardown")
+    save_final_adapter(trainer, tokenizer, output_dir, git["commit"])
+    _finish_wandb(output_dir)
     teardown()
+    watchdog.disarm()
     print0("training finished")

@@ -32,6 +32,8 @@ REQUIRE_GPU="${REQUIRE_GPU:-0}"                           # 1: refuse to start w
 WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"
 WANDB_MODE="${WANDB_MODE:-}"                              # online | offline; empty: offline without credentials
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-}"                    # empty: 1 per process when several share a CPU
+RESUME="${RESUME:-auto}"                                  # auto: continue from the newest complete checkpoint; never
+OVERWRITE="${OVERWRITE:-0}"                               # 1 (with RESUME=never): delete the old run's checkpoints
 DRY_RUN="${DRY_RUN:-0}"                                   # 1: print the command and exit without running it
 
 cd "$REPO_ROOT"
@@ -62,10 +64,10 @@ fi
 if [[ -z "$WANDB_MODE" ]]; then
   if [[ -n "${WANDB_API_KEY:-}" ]] || grep -qs "api.wandb.ai" "$HOME/.netrc"; then WANDB_MODE=online; else WANDB_MODE=offline; fi
 fi
-mkdir -p "$OUTPUT_DIR"
 export WANDB_PROJECT WANDB_MODE WANDB_DIR="${WANDB_DIR:-$OUTPUT_DIR}"
 
-SCRIPT_ARGS=(--config "$CONFIG" --output_dir "$OUTPUT_DIR")
+SCRIPT_ARGS=(--config "$CONFIG" --output_dir "$OUTPUT_DIR" --resume "$RESUME")
+[[ "$OVERWRITE" == "1" ]] && SCRIPT_ARGS+=(--overwrite true)
 [[ "$USE_DEEPSPEED" == "1" ]] && SCRIPT_ARGS+=(--deepspeed "$DS_CONFIG")
 
 if [[ "$LAUNCHER" == "deepspeed" ]]; then
@@ -85,9 +87,10 @@ else
   [[ "$GPUS_FOUND" -eq 0 && "$USE_DEEPSPEED" != "1" && "$NUM_PROCESSES" -eq 1 ]] && LAUNCH+=(--cpu)
 fi
 
-echo "+ ${LAUNCH[*]} $EXP_DIR/train_cluster.py ${SCRIPT_ARGS[*]} $*"
+echo "+ $(printf '%q ' "${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SCRIPT_ARGS[@]}" "$@")"
 echo "  (W&B mode: $WANDB_MODE, project: $WANDB_PROJECT; OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset})"
 [[ "$DRY_RUN" == "1" ]] && exit 0
+mkdir -p "$OUTPUT_DIR"
 status=0
 "${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SCRIPT_ARGS[@]}" "$@" || status=$?
 if [[ "$WANDB_MODE" == "offline" && -d "$WANDB_DIR/wandb" ]]; then

@@ -1,0 +1,58 @@
+"""longctx.collate.PadCollator: dynamic padding of ids, attention mask and labels."""
+
+from __future__ import annotations
+
+import torch
+
+from longctx.collate import PadCollator
+from longctx.data import IGNORE_INDEX
+
+PAD = 0
+FEATURES = [
+    {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+    {"input_ids": [8, 9, 10, 11, 12], "labels": [-100, -100, -100, 11, 12]},
+]
+
+
+def test_right_padding():
+    batch = PadCollator(pad_token_id=PAD)(FEATURES)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert all(t.dtype == torch.long for t in batch.values())
+    assert batch["input_ids"].tolist() == [[5, 6, 7, PAD, PAD], [8, 9, 10, 11, 12]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, IGNORE_INDEX, IGNORE_INDEX], [-100, -100, -100, 11, 12]]
+
+
+def test_left_padding():
+    batch = PadCollator(pad_token_id=PAD, padding_side="left")(FEATURES)
+    assert batch["input_ids"].tolist() == [[PAD, PAD, 5, 6, 7], [8, 9, 10, 11, 12]]
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, -100, 6, 7], [-100, -100, -100, 11, 12]]
+
+
+def test_pad_to_multiple_of():
+    batch = PadCollator(pad_token_id=3, pad_to_multiple_of=4)(FEATURES)
+    assert batch["input_ids"].shape == (2, 8)  # longest 5 -> next multiple of 4
+    assert batch["input_ids"][0].tolist() == [5, 6, 7, 3, 3, 3, 3, 3]
+    assert batch["attention_mask"].sum(dim=1).tolist() == [3, 5]
+    assert batch["labels"][1].tolist() == [-100, -100, -100, 11, 12] + [IGNORE_INDEX] * 3
+
+
+def test_pad_to_multiple_of_already_a_multiple():
+    batch = PadCollator(pad_token_id=PAD, pad_to_multiple_of=5)(FEATURES)
+    assert batch["input_ids"].shape == (2, 5)
+
+
+def test_attention_mask_marks_pads_even_when_pad_id_occurs_in_text():
+    """The mask comes from lengths, not from comparing ids with the pad id."""
+    features = [{"input_ids": [PAD, 4], "labels": [-100, 4]}, {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}]
+    batch = PadCollator(pad_token_id=PAD)(features)
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_prompts_without_labels():
+    features = [{"input_ids": [1, 2]}, {"input_ids": [3, 4, 5, 6]}]
+    batch = PadCollator(pad_token_id=PAD, padding_side="left")(features)
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert batch["input_ids"].tolist() == [[PAD, PAD, 1, 2], [3, 4, 5, 6]]
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]

@@ -1,0 +1,262 @@
+"""longctx.config: YAML + flags -> dataclasses, unknown keys, precedence, the 009 reference values, validate()."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+from transformers import TrainingArguments
+
+from conftest import REPO_ROOT, subprocess_env, write_jsonl
+from longctx.config import (DATACLASSES, ConfigError, DataArguments, GenerationArguments, LoraArguments,
+                            ModelArguments, parse_config, validate)
+
+CONFIG_000 = REPO_ROOT / "experiments" / "000_tiny_smoke" / "config.yaml"
+CONFIG_009 = REPO_ROOT / "experiments" / "009_text_summary" / "config.yaml"
+TRAIN_009 = REPO_ROOT / "experiments" / "009_text_summary" / "train_cluster.py"
+
+
+@pytest.fixture()
+def bf16_gpu(monkeypatch):
+    """009 is sized for H100s (bf16: true); TrainingArguments refuses bf16 on a machine without a bf16 GPU, so
+    pretend to be that machine while parsing. Nothing else about the parse depends on the device."""
+    import transformers.training_args
+
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda *a, **k: True)
+
+
+def by_class(parsed) -> dict[type, object]:
+    return {type(obj): obj for obj in parsed}
+
+
+def parse_009(*flags: str):
+    try:
+        return parse_config(["--config", str(CONFIG_009), *flags])
+    except ConfigError as err:
+        pytest.fail(f"experiments/009_text_summary/config.yaml does not parse with the installed transformers: {err}")
+
+
+# --- unknown keys and flags -------------------------------------------------------------------------------------
+
+
+def test_unknown_yaml_key_names_file_key_and_near_match(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("output_dir: out\nmax_seq_lenght: 4096\n")
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--config", str(config)])
+    message = str(info.value)
+    assert str(config) in message
+    assert "'max_seq_lenght'" in message
+    assert "Did you mean 'max_seq_length'?" in message
+
+
+def test_unknown_command_line_flag_is_an_error_with_a_suggestion(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\n")
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--config", str(config), "--max_seq_lenght", "4096"])
+    message = str(info.value)
+    assert "--max_seq_lenght" in message
+    assert "'--max_seq_length'" in message
+
+
+def test_abbreviated_flag_is_not_silently_taken_for_a_setting(tmp_path):
+    """`--max_seq_len` is not a setting; argparse's prefix matching must not turn it into --max_seq_length (a YAML
+    key `max_seq_len` is rejected, so the flag must be too: one name per setting)."""
+    try:
+        parsed, _, _ = parse_config(["--output_dir", str(tmp_path), "--max_seq_len", "100"])
+    except ConfigError as err:
+        assert "--max_seq_len" in str(err) and "'--max_seq_length'" in str(err)
+    else:
+        value = by_class(parsed)[DataArguments].max_seq_length
+        pytest.fail(f"unknown flag --max_seq_len was accepted as an abbreviation (max_seq_length = {value}); "
+                    f"build the parsers with allow_abbrev=False")
+
+
+def test_tolerated_keys_are_returned_as_extra_not_rejected(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nmy_eval_only_key: 3\nlora_r: 8\n")
+    parsed, path, extra = parse_config(["--config", str(config)], tolerated_keys={"my_eval_only_key"})
+    assert extra == {"my_eval_only_key": 3}
+    assert path == str(config)
+    assert by_class(parsed)[LoraArguments].lora_r == 8
+
+
+# --- precedence: code default < config.yaml < flag ----------------------------------------------------------------
+
+
+def test_precedence_default_then_yaml_then_flag(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nlora_alpha: 7\nmax_seq_length: 2048\nlearning_rate: 0.5\n")
+    parsed, path, extra = parse_config(["--config", str(config), "--max_seq_length", "512", "--learning_rate", "0.25"])
+    args = by_class(parsed)
+    data, lora, gen, training = (args[DataArguments], args[LoraArguments], args[GenerationArguments],
+                                 args[TrainingArguments])
+    # code default: in neither the file nor the flags
+    assert lora.lora_r == LoraArguments().lora_r == 16
+    assert gen.max_new_tokens == GenerationArguments().max_new_tokens
+    # config.yaml over the default
+    assert lora.lora_alpha == 7 != LoraArguments().lora_alpha
+    # flag over config.yaml
+    assert data.max_seq_length == 512 and isinstance(data.max_seq_length, int)
+    assert training.learning_rate == 0.25
+    assert training.output_dir == str(tmp_path / "out")
+    assert extra == {}
+
+
+def test_flags_alone_without_config_file(tmp_path):
+    parsed, path, extra = parse_config(["--output_dir", str(tmp_path), "--lora_r", "4"])
+    assert path is None and extra == {}
+    assert by_class(parsed)[LoraArguments].lora_r == 4
+    assert [type(p) for p in parsed] == list(DATACLASSES)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse_config(["--config", str(tmp_path / "absent.yaml")])
+
+
+# --- the experiments' configs --------------------------------------------------------------------------------------
+
+
+def test_000_config_parses_to_its_file_values():
+    parsed, path, extra = parse_config(["--config", str(CONFIG_000)])
+    args = by_class(parsed)
+    model, data, lora = args[ModelArguments], args[DataArguments], args[LoraArguments]
+    training = args[TrainingArguments]
+    assert model.model_name_or_path == ".cache/tiny_smoke/model"
+    assert data.max_seq_length == 1024 and data.length_policy == "drop"
+    assert (lora.lora_r, lora.lora_alpha, lora.lora_dropout) == (64, 64, 0.0)
+    assert training.prediction_loss_only is True and training.load_best_model_at_end is False
+    assert extra == {}
+
+
+def test_009_config_parses_to_the_reference_values(bf16_gpu):
+    parsed, path, extra = parse_009()
+    args = by_class(parsed)
+    model, data, training = args[ModelArguments], args[DataArguments], args[TrainingArguments]
+    assert model.model_name_or_path == "Qwen/Qwen3-4B-Instruct-2507"
+    assert data.max_seq_length == 262144 and type(data.max_seq_length) is int
+    assert training.per_device_train_batch_size == 1
+    assert training.gradient_accumulation_steps == 8
+    assert training.activation_checkpointing is True
+    assert training.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert training.bf16 is True
+    assert training.eval_steps == 200 and training.save_steps == 200
+    assert training.load_best_model_at_end is False
+    assert training.dataloader_num_workers == 4
+    assert "zero2" in training.run_name
+    assert "wandb" in training.report_to
+    assert training.prediction_loss_only is True
+    assert extra == {}
+
+
+def test_009_config_passes_validate_once_its_data_exists(bf16_gpu, tmp_path):
+    """Everything but the data paths (which live on the cluster) is valid as written."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"document": "d", "summary": "s"}])
+    val = write_jsonl(tmp_path / "validation.jsonl", [{"document": "d", "summary": "s"}])
+    parsed, _, _ = parse_009("--train_file", str(train), "--validation_file", str(val))
+    validate(*parsed)
+
+
+# --- validate(): errors name the setting and the fix ----------------------------------------------------------------
+
+
+@pytest.fixture()
+def valid_args(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"document": "d", "summary": "s"}])
+    val = write_jsonl(tmp_path / "validation.jsonl", [{"document": "d", "summary": "s"}])
+    return (ModelArguments(), DataArguments(train_file=str(train), validation_file=str(val)), LoraArguments(),
+            GenerationArguments(),
+            TrainingArguments(output_dir=str(tmp_path / "out"), eval_strategy="steps", eval_steps=10,
+                              prediction_loss_only=True, report_to="none"))
+
+
+def test_validate_accepts_a_valid_configuration(valid_args):
+    validate(*valid_args)
+
+
+def test_validate_lora_r_zero_names_setting_and_fix(valid_args):
+    model, data, lora, gen, training = valid_args
+    with pytest.raises(ConfigError) as info:
+        validate(model, data, dataclasses.replace(lora, lora_r=0), gen, training)
+    assert "'lora_r' = 0" in str(info.value)
+    assert "positive rank" in str(info.value)
+
+
+def test_validate_missing_train_file_names_setting_path_and_fix(valid_args, tmp_path):
+    model, data, lora, gen, training = valid_args
+    missing = tmp_path / "nowhere" / "train.jsonl"
+    with pytest.raises(ConfigError) as info:
+        validate(model, dataclasses.replace(data, train_file=str(missing)), lora, gen, training)
+    message = str(info.value)
+    assert "'train_file'" in message and str(missing) in message
+    assert "file not found" in message
+
+
+def test_validate_unset_train_file_says_what_to_set(valid_args):
+    model, data, lora, gen, training = valid_args
+    with pytest.raises(ConfigError) as info:
+        validate(model, dataclasses.replace(data, train_file=None), lora, gen, training)
+    assert "'train_file' = None" in str(info.value) and ".jsonl" in str(info.value)
+
+
+def test_validate_prediction_loss_only_false_with_eval_on(valid_args):
+    model, data, lora, gen, training = valid_args
+    training.prediction_loss_only = False
+    with pytest.raises(ConfigError) as info:
+        validate(model, data, lora, gen, training)
+    message = str(info.value)
+    assert "'prediction_loss_only' = False" in message
+    assert "set it to true" in message
+
+
+def test_validate_prediction_loss_only_false_is_fine_without_eval(valid_args, tmp_path):
+    model, data, lora, gen, _ = valid_args
+    training = TrainingArguments(output_dir=str(tmp_path / "out"), prediction_loss_only=False, report_to="none")
+    validate(model, data, lora, gen, training)
+
+
+def test_validate_eager_attention_at_long_context(valid_args):
+    model, data, lora, gen, training = valid_args
+    with pytest.raises(ConfigError, match="'attn_implementation' = 'eager'.*use auto or sdpa"):
+        validate(dataclasses.replace(model, attn_implementation="eager"),
+                 dataclasses.replace(data, max_seq_length=65536), lora, gen, training)
+
+
+# --- the real entry point ---------------------------------------------------------------------------------------
+
+
+def test_train_cluster_help_lists_every_setting():
+    result = subprocess.run([sys.executable, str(TRAIN_009), "--config", str(CONFIG_009), "--help"],
+                            cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"--help exited {result.returncode}: {result.stderr[-2000:]}"
+    output = result.stdout
+    own = [cls for cls in DATACLASSES if cls is not TrainingArguments]
+    assert {ModelArguments, DataArguments, LoraArguments, GenerationArguments} <= set(own)
+    for cls in own:
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name}" in output, f"--help does not mention {cls.__name__}.{f.name}"
+    for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "deepspeed",
+                 "activation_checkpointing", "output_dir"):
+        assert f"--{name}" in output
+    assert "--config" in output
+
+
+def test_train_cluster_rejects_typo_key_before_loading_anything(tmp_path):
+    output_dir = tmp_path / "run"
+    text = CONFIG_000.read_text().replace("max_seq_length:", "max_seq_lenght:")
+    assert "max_seq_lenght:" in text
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    result = subprocess.run([sys.executable, str(TRAIN_009), "--config", str(config), "--output_dir",
+                             str(output_dir)], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "max_seq_lenght" in result.stderr and "max_seq_length" in result.stderr
+    assert str(config) in result.stderr
+    # stopped before run_info.json, tokenization or weights
+    assert not output_dir.exists()
+    assert "Loading weights" not in result.stderr + result.stdout

@@ -1,0 +1,245 @@
+"""longctx.data: label masking, length policy + report, and record checks with file:line messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from longctx.config import DataArguments
+from longctx.data import (IGNORE_INDEX, LENGTH_REPORT, DataError, check_records, encode_record, tokenize_split,
+                          write_length_report)
+
+SENTENCE = "The court reviewed the written submissions filed by both sides. "
+SUMMARY = "Acme Holdings sued Birch Logistics for negligence. The court found for the plaintiff."
+
+
+def record(i: int, sentences: int, summary: str = SUMMARY) -> dict:
+    return {"id": f"case-{i}", "document": f"CASE FILE {i}. " + SENTENCE * sentences, "summary": summary}
+
+
+def total_tokens(tokenizer, rec: dict, **data_kwargs) -> int:
+    out = encode_record(rec, 0, tokenizer=tokenizer, data=DataArguments(max_seq_length=10**9, **data_kwargs),
+                        split="train")
+    assert out["length_action"] == "keep"
+    return len(out["input_ids"])
+
+
+# --- label masking ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("system_prompt", [None, "You are a careful court clerk."])
+def test_labels_mask_exactly_the_prompt(tiny_tokenizer, system_prompt):
+    data = DataArguments(max_seq_length=4096, system_prompt=system_prompt)
+    rec = record(1, 3)
+    out = encode_record(rec, 7, tokenizer=tiny_tokenizer, data=data, split="train")
+
+    messages = [{"role": "user", "content": f"{data.instruction}\n\n{rec['document']}"}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    prompt_ids = tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False)
+    n = len(prompt_ids)
+    ids, labels = out["input_ids"], out["labels"]
+    assert out["id"] == "case-1" and out["length_action"] == "keep"
+    assert ids[:n] == prompt_ids
+    assert len(labels) == len(ids) > n
+    assert labels[:n] == [IGNORE_INDEX] * n
+    assert labels[n:] == ids[n:]
+    assert IGNORE_INDEX not in labels[n:]
+    assert tiny_tokenizer.decode(labels[n:]) == SUMMARY + "<|im_end|>\n"
+    assert (out["prompt_tokens"], out["summary_tokens"]) == (n, len(ids) - n)
+    if system_prompt:
+        assert system_prompt in tiny_tokenizer.decode(ids[:n])
+
+
+def test_record_without_id_is_named_by_split_and_row(tiny_tokenizer):
+    rec = {"document": "A short document.", "summary": "Short."}
+    out = encode_record(rec, 5, tokenizer=tiny_tokenizer, data=DataArguments(max_seq_length=4096), split="validation")
+    assert out["id"] == "validation:5"
+
+
+# --- length policy ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def mixed_split(tmp_path, tiny_tokenizer):
+    """Two short records and one long one (in the middle); max_seq_length sits between them."""
+    records = [record(0, 2), record(1, 20), record(2, 3)]
+    lengths = [total_tokens(tiny_tokenizer, r) for r in records]
+    assert max(lengths[0], lengths[2]) + 20 < lengths[1]
+    limit = max(lengths[0], lengths[2]) + 10
+    return write_jsonl(tmp_path / "train.jsonl", records), records, lengths, limit
+
+
+def test_drop_removes_long_sample_and_reports_it(tiny_tokenizer, mixed_split):
+    path, records, lengths, limit = mixed_split
+    data = DataArguments(max_seq_length=limit, length_policy="drop")
+    kept, report = tokenize_split(path, "train", tiny_tokenizer, data)
+
+    expected = [encode_record(r, i, tokenizer=tiny_tokenizer, data=data, split="train")
+                for i, r in enumerate(records) if i != 1]
+    assert len(kept) == 2
+    assert kept.column_names == ["input_ids", "labels"]
+    assert [row["input_ids"] for row in kept] == [e["input_ids"] for e in expected]
+    assert [row["labels"] for row in kept] == [e["labels"] for e in expected]
+
+    assert len(report) == 1
+    row = report[0]
+    assert row["id"] == "case-1" and row["split"] == "train" and row["length_action"] == "drop"
+    assert row["max_seq_length"] == limit
+    assert row["original_tokens"] == lengths[1] == row["prompt_tokens"] + row["summary_tokens"]
+    assert row["document_tokens_removed"] == 0
+
+
+def test_truncate_document_keeps_instruction_and_summary(tiny_tokenizer, mixed_split):
+    path, records, lengths, limit = mixed_split
+    data = DataArguments(max_seq_length=limit, length_policy="truncate_document")
+    kept, report = tokenize_split(path, "train", tiny_tokenizer, data)
+    assert len(kept) == 3
+
+    cut = kept[1]
+    assert len(cut["input_ids"]) <= limit
+    text = tiny_tokenizer.decode(cut["input_ids"])
+    assert data.instruction in text
+    assert "CASE FILE 1." in text  # the start of the document stays; its end is cut
+    assert text.count(SENTENCE.strip()) < 20
+    targets = [t for t in cut["labels"] if t != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(targets) == SUMMARY + "<|im_end|>\n"
+    # the untouched samples are exactly what encode_record gives
+    assert kept[0]["input_ids"] == encode_record(records[0], 0, tokenizer=tiny_tokenizer, data=data,
+                                                 split="train")["input_ids"]
+
+    assert len(report) == 1
+    row = report[0]
+    assert row["id"] == "case-1" and row["length_action"] == "truncate"
+    assert row["document_tokens_removed"] > 0
+    assert row["original_tokens"] == lengths[1]
+    assert row["prompt_tokens"] + row["summary_tokens"] == len(cut["input_ids"])
+
+
+def test_summary_longer_than_limit_is_dropped_even_with_truncate_document(tiny_tokenizer, tmp_path):
+    long_summary = " ".join(["The court found for the plaintiff and awarded damages."] * 10)
+    records = [record(0, 2), record(1, 2, summary=long_summary)]
+    short_total = total_tokens(tiny_tokenizer, records[0])
+    summary_ids = tiny_tokenizer(long_summary, add_special_tokens=False)["input_ids"]
+    limit = short_total + 5
+    assert len(summary_ids) > limit
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    kept, report = tokenize_split(path, "train", tiny_tokenizer,
+                                  DataArguments(max_seq_length=limit, length_policy="truncate_document"))
+    assert len(kept) == 1
+    assert [(r["id"], r["length_action"]) for r in report] == [("case-1", "drop")]
+    assert "summary" in report[0]["length_reason"]
+
+
+def test_every_record_dropped_is_a_data_error(tiny_tokenizer, mixed_split):
+    path, records, lengths, limit = mixed_split
+    with pytest.raises(DataError) as info:
+        tokenize_split(path, "train", tiny_tokenizer, DataArguments(max_seq_length=min(lengths) - 1))
+    message = str(info.value)
+    assert str(path) in message
+    assert "every one of its 3 records" in message
+    assert f"max_seq_length={min(lengths) - 1}" in message
+
+
+def test_write_length_report_one_line_per_sample_and_summary(tiny_tokenizer, mixed_split, tmp_path):
+    path, records, lengths, limit = mixed_split
+    _, train_report = tokenize_split(path, "train", tiny_tokenizer, DataArguments(max_seq_length=limit))
+    val_path = write_jsonl(tmp_path / "validation.jsonl", [record(10, 2), record(11, 20)])
+    _, val_report = tokenize_split(val_path, "validation", tiny_tokenizer,
+                                   DataArguments(max_seq_length=limit, length_policy="truncate_document"))
+    rows = train_report + val_report
+    out_dir = tmp_path / "run"
+    summary = write_length_report(rows, out_dir, {"train": 3, "validation": 2})
+
+    lines = (out_dir / LENGTH_REPORT).read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    assert [(r["split"], r["id"], r["length_action"]) for r in rows] == [
+        ("train", "case-1", "drop"), ("validation", "case-11", "truncate")]
+    assert "train: 3 records, 1 dropped, 0 truncated" in summary
+    assert "validation: 2 records, 0 dropped, 1 truncated" in summary
+    assert str(out_dir / LENGTH_REPORT) in summary
+
+
+def test_write_length_report_with_nothing_to_report(tmp_path):
+    summary = write_length_report([], tmp_path, {"train": 4})
+    assert (tmp_path / LENGTH_REPORT).read_text() == ""
+    assert "train: 4 records, 0 dropped, 0 truncated" in summary
+
+
+# --- check_records --------------------------------------------------------------------------------------------------
+
+GOOD = {"id": "a", "document": "A document.", "summary": "A summary."}
+
+
+def test_check_records_counts_good_file(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, GOOD, "", GOOD])  # a blank line is skipped
+    assert check_records(path, DataArguments()).count == 3
+
+
+@pytest.mark.parametrize("bad, line_no, needles", [
+    ({"id": "b", "document": "A document."}, 2, ["field 'summary' is missing"]),
+    ({"id": "b", "document": "A document.", "summary": "   "}, 2, ["field 'summary' is empty"]),
+    ({"id": "b", "document": 17, "summary": "A summary."}, 2, ["field 'document' must be a string", "int"]),
+    ('{"document": "A document.", "summary": ', 2, ["not a JSON object"]),
+    ('["A document.", "A summary."]', 2, ["expected a JSON object", "list"]),
+])
+def test_check_records_bad_record_names_file_line_field(tmp_path, bad, line_no, needles):
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, bad, GOOD])
+    with pytest.raises(DataError) as info:
+        check_records(path, DataArguments())
+    message = str(info.value)
+    assert f"{path}: line {line_no}:" in message
+    for needle in needles:
+        assert needle in message
+
+
+def test_check_records_custom_field_names(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "A document.", "abstract": "A summary."}, GOOD])
+    data = DataArguments(document_field="text", summary_field="abstract")
+    with pytest.raises(DataError, match=r"line 2: field 'text' is missing"):
+        check_records(path, data)
+
+
+def test_check_records_non_utf8_bytes(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"document": "caf\xe9", "summary": "s"}\n')
+    with pytest.raises(DataError) as info:
+        check_records(path, DataArguments())
+    message = str(info.value)
+    assert f"{path}: line 2:" in message
+    assert "not valid UTF-8" in message
+
+
+def test_check_records_utf8_bom(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    with pytest.raises(DataError) as info:
+        check_records(path, DataArguments())
+    message = str(info.value)
+    assert f"{path}: line 1:" in message
+    assert "byte-order mark" in message
+
+
+def test_check_records_accepts_crlf(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"".join(json.dumps(GOOD).encode() + b"\r\n" for _ in range(4)))
+    assert check_records(path, DataArguments()).count == 4
+
+
+def test_check_records_empty_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="holds no records"):
+        check_records(path, DataArguments())
+
+
+def test_check_records_skip_lists_bad_lines(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, {"document": "d"}, "not json", GOOD])
+    scan = check_records(path, DataArguments(on_bad_record="skip"))
+    assert scan.count == 2
+    assert [(p["line"], p["file"]) for p in scan.problems] == [(2, str(path)), (3, str(path))]
+    assert "field 'summary' is missing" in scan.problems[0]["reason"]
+    assert scan.keep_lines == [1, 4]

@@ -1,0 +1,112 @@
+"""Both experiments' ds_config_zero2.json, filled from the experiment's TrainingArguments the way the Trainer does,
+validate offline with transformers' HfTrainerDeepSpeedConfig and DeepSpeed's own DeepSpeedConfig."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+from transformers import TrainingArguments
+
+from conftest import REPO_ROOT
+from longctx.config import ConfigError, parse_config
+
+EXPERIMENTS = ["000_tiny_smoke", "009_text_summary"]
+AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+@pytest.fixture()
+def bf16_gpu(monkeypatch):
+    """009 sets bf16: true and is sized for H100s; TrainingArguments refuses bf16 without a bf16 GPU."""
+    import transformers.training_args
+
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda *a, **k: True)
+
+
+def ds_path(experiment: str):
+    return REPO_ROOT / "experiments" / experiment / "ds_config_zero2.json"
+
+
+def training_args(experiment: str, tmp_path) -> TrainingArguments:
+    config = REPO_ROOT / "experiments" / experiment / "config.yaml"
+    try:
+        parsed, _, _ = parse_config(["--config", str(config), "--output_dir", str(tmp_path / "out"),
+                                     "--deepspeed", str(ds_path(experiment))])
+    except ConfigError as err:
+        pytest.fail(f"experiments/{experiment}/config.yaml does not parse with the installed transformers: {err}")
+    (training,) = [p for p in parsed if isinstance(p, TrainingArguments)]
+    return training
+
+
+def filled_config(training: TrainingArguments, path) -> dict:
+    """What the Trainer does: trainer_config_process at TrainingArguments time, trainer_config_finalize with the
+    model and the number of steps; "auto" values become the TrainingArguments ones, mismatches raise."""
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    hf_config = HfTrainerDeepSpeedConfig(str(path))
+    hf_config.trainer_config_process(training)
+    model = SimpleNamespace(config=SimpleNamespace(hidden_size=2560))  # Qwen3-4B's; only read for "auto" buckets
+    hf_config.trainer_config_finalize(training, model, num_training_steps=100)
+    assert hf_config.is_zero2() and not hf_config.is_zero3() and not hf_config.is_offload()
+    return hf_config.config
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_raw_file_is_zero2_without_offload_and_auto_batch_keys(experiment):
+    raw = json.loads(ds_path(experiment).read_text())
+    zero = raw["zero_optimization"]
+    assert zero["stage"] == 2
+    assert zero.get("offload_optimizer", {"device": "none"})["device"] == "none"
+    assert zero.get("offload_param", {"device": "none"})["device"] == "none"
+    assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is True
+    for key in AUTO_KEYS:
+        assert raw[key] == "auto", key
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_validates_with_transformers_and_deepspeed(experiment, tmp_path, bf16_gpu):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    training = training_args(experiment, tmp_path)
+    config = filled_config(training, ds_path(experiment))
+    assert config["train_micro_batch_size_per_gpu"] == training.per_device_train_batch_size
+    assert config["gradient_accumulation_steps"] == training.gradient_accumulation_steps
+    assert config["gradient_clipping"] == training.max_grad_norm
+    assert config["train_batch_size"] == (training.world_size * training.per_device_train_batch_size
+                                          * training.gradient_accumulation_steps)
+    assert config["bf16"]["enabled"] is bool(training.bf16 or training.bf16_full_eval)
+    assert "auto" not in json.dumps(config)
+
+    # Without a process group DeepSpeed takes world size 1, as does TrainingArguments on this machine.
+    assert training.world_size == 1
+    ds = DeepSpeedConfig(copy.deepcopy(config))
+    assert ds.world_size == 1
+    assert ds.zero_optimization_stage == 2
+    assert ds.zero_config.offload_optimizer is None or ds.zero_config.offload_optimizer.device == "none"
+    assert ds.zero_config.offload_param is None or ds.zero_config.offload_param.device == "none"
+    assert ds.zero_config.overlap_comm is True
+    assert ds.zero_config.contiguous_gradients is True
+    assert ds.train_micro_batch_size_per_gpu == training.per_device_train_batch_size
+    assert ds.gradient_accumulation_steps == training.gradient_accumulation_steps
+    assert ds.gradient_clipping == training.max_grad_norm
+    assert ds.bfloat16_config.enabled is bool(training.bf16)
+
+
+def test_009_fills_reference_batch_values(tmp_path, bf16_gpu):
+    config = filled_config(training_args("009_text_summary", tmp_path), ds_path("009_text_summary"))
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (1, 8)
+    assert config["gradient_clipping"] == 1.0
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+
+
+def test_a_hard_coded_mismatch_is_caught(tmp_path):
+    """The check above has teeth: a value that disagrees with TrainingArguments is rejected by name."""
+    training = training_args("000_tiny_smoke", tmp_path)
+    raw = json.loads(ds_path("000_tiny_smoke").read_text())
+    raw["gradient_accumulation_steps"] = training.gradient_accumulation_steps + 1
+    bad = tmp_path / "ds_bad.json"
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        filled_config(training, bad)
