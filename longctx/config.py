@@ -79,6 +79,11 @@ class DataArguments:
                           "the document (never the instruction or the summary). Both are listed in "
                           "OUTPUT_DIR/length_report.jsonl."},
     )
+    on_bad_record: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "error: stop before training at the first unusable record (file, line, field, fix). "
+                          "skip: leave such records out and list them in OUTPUT_DIR/bad_records.jsonl."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
     preprocessing_num_workers: int | None = field(
@@ -101,6 +106,31 @@ class LoraArguments:
 
 
 @dataclass
+class MemoryArguments:
+    """Long-context memory switches (longctx/tiling.py); `python -m longctx.memory --config ...` shows their effect."""
+
+    tiled_mlp: bool = field(
+        default=False,
+        metadata={"help": "Run every decoder layer's MLP over the sequence in tiles of tiled_mlp_tile_tokens "
+                          "(DeepSpeed TiledMLP), in the forward and in the checkpointed recompute, so one layer's "
+                          "MLP intermediate (tokens x intermediate_size) never exists for the whole sequence. Costs "
+                          "one more MLP forward per step. Needs DeepSpeed (or one process) when training."},
+    )
+    tiled_mlp_tile_tokens: int = field(
+        default=8192,
+        metadata={"help": "Tokens per MLP tile (batch x sequence tokens are tiled together). Smaller: less memory "
+                          "per tile, smaller matmuls. Samples of at most this many tokens run untiled."},
+    )
+    offload_activations: bool = field(
+        default=False,
+        metadata={"help": "Keep the checkpointed layer inputs (layers x tokens x hidden_size) in pinned CPU memory "
+                          "and bring each back for its layer's recompute (transformers activation_checkpointing_kwargs "
+                          "offload -> torch save_on_cpu). Needs activation_checkpointing and that much host RAM per "
+                          "process; slower steps."},
+    )
+
+
+@dataclass
 class GenerationArguments:
     max_new_tokens: int = field(default=512, metadata={"help": "Longest generated summary (evaluation)."})
     generation_batch_size: int = field(
@@ -108,12 +138,37 @@ class GenerationArguments:
     )
 
 
-DATACLASSES = (ModelArguments, DataArguments, LoraArguments, GenerationArguments, TrainingArguments)
+@dataclass
+class RunArguments:
+    resume: Literal["auto", "never"] = field(
+        default="auto",
+        metadata={"help": "auto: continue from the newest complete checkpoint in output_dir, if any. never: start "
+                          "fresh, and refuse an output_dir that already holds checkpoints unless overwrite is set."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "With resume: never, delete the checkpoints, final adapter and reports already in "
+                          "output_dir before starting."},
+    )
+    watchdog_timeout_seconds: float | None = field(
+        default=900,
+        metadata={"help": "The final save and teardown must finish within this time, or every thread's stack is "
+                          "written to the log and the process exits non-zero (no silent hang). Unset: no limit."},
+    )
+    step_timeout_seconds: float | None = field(
+        default=None,
+        metadata={"help": "Also guard each optimizer step with the watchdog (seconds; unset: off). Leave room for "
+                          "the slowest step, the first one included."},
+    )
+
+
+DATACLASSES = (ModelArguments, DataArguments, LoraArguments, MemoryArguments, GenerationArguments, RunArguments,
+               TrainingArguments)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def build_parser(dataclass_types=DATACLASSES) -> HfArgumentParser:
-    parser = HfArgumentParser(dataclass_types)
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)  # a shortened flag is a typo, not a setting
     parser.add_argument("--config", default=None, help="config.yaml with values for any of the settings below.")
     return parser
 
@@ -144,7 +199,7 @@ def parse_config(argv: list[str] | None = None, dataclass_types=DATACLASSES, tol
     not define (e.g. training settings read by the evaluation tool) are returned in `extra` instead of rejected.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
 
@@ -207,10 +262,38 @@ def validate_data(data: DataArguments, need_train: bool = True) -> None:
         _check(value is None or value > 0, name, value, "use a positive integer or leave it unset.")
 
 
-def validate(model: ModelArguments, data: DataArguments, lora: LoraArguments, gen: GenerationArguments,
-             training: TrainingArguments) -> None:
-    """Every check that can run before weights, data or process groups are touched."""
+def by_type(parsed) -> dict[type, Any]:
+    """The parsed dataclass instances keyed by their class: args[DataArguments].data_field."""
+    return {type(obj): obj for obj in parsed}
+
+
+def validate_memory(memory: MemoryArguments, training: TrainingArguments) -> None:
+    """The memory switches against the training setup (also used by the memory planner)."""
+    _check(memory.tiled_mlp_tile_tokens > 0, "tiled_mlp_tile_tokens", memory.tiled_mlp_tile_tokens,
+           "use a positive number of tokens, e.g. 8192.")
+    kwargs = training.activation_checkpointing_kwargs
+    if isinstance(kwargs, dict) and "offload" in kwargs:
+        _check(False, "activation_checkpointing_kwargs", kwargs,
+               "remove 'offload' and set offload_activations: true|false instead (one switch, one name).")
+    if memory.offload_activations:
+        _check(bool(training.activation_checkpointing), "offload_activations", True,
+               "it offloads the inputs kept by activation checkpointing; set activation_checkpointing: true too.")
+    if memory.tiled_mlp:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        deepspeed = bool(training.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        _check(processes == 1 or deepspeed, "tiled_mlp", True,
+               f"with {processes} processes and no DeepSpeed, DDP would reduce the MLP's LoRA gradients once per "
+               f"tile and stop; train under DeepSpeed ZeRO (USE_DEEPSPEED=1, the launcher's default for several "
+               f"processes) or set tiled_mlp: false.")
+
+
+def validate(*parsed) -> None:
+    """Every check that can run before weights, data or process groups are touched (dataclasses in any order)."""
+    args = by_type(parsed)
+    model, data, lora, gen = args[ModelArguments], args[DataArguments], args[LoraArguments], args[GenerationArguments]
+    run, training = args.get(RunArguments, RunArguments()), args[TrainingArguments]
     validate_data(data)
+    validate_memory(args.get(MemoryArguments, MemoryArguments()), training)
     _check(lora.lora_r > 0, "lora_r", lora.lora_r, "use a positive rank such as 8, 16 or 64.")
     _check(lora.lora_alpha > 0, "lora_alpha", lora.lora_alpha, "use a positive value, typically 2 x lora_r.")
     _check(0.0 <= lora.lora_dropout < 1.0, "lora_dropout", lora.lora_dropout, "use a value in [0, 1).")
@@ -218,6 +301,9 @@ def validate(model: ModelArguments, data: DataArguments, lora: LoraArguments, ge
            "name at least one module, e.g. [q_proj, v_proj], or 'all-linear'.")
     _check(gen.max_new_tokens > 0, "max_new_tokens", gen.max_new_tokens, "use a positive number of tokens.")
     _check(gen.generation_batch_size > 0, "generation_batch_size", gen.generation_batch_size, "use 1 or more.")
+    for name in ("watchdog_timeout_seconds", "step_timeout_seconds"):
+        value = getattr(run, name)
+        _check(value is None or value > 0, name, value, "use a positive number of seconds, or leave it unset.")
     if training.do_eval or str(training.eval_strategy) not in ("no", "IntervalStrategy.NO"):
         _check(training.prediction_loss_only, "prediction_loss_only", training.prediction_loss_only,
                "set it to true: evaluation during training computes the loss only; gathering full-vocabulary "

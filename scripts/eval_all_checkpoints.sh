@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Shared evaluation launcher; experiments call it from their eval_all_checkpoints.sh:
 #   bash scripts/eval_all_checkpoints.sh experiments/009_text_summary [--any_setting value ...]
-# Scores every complete checkpoint of OUTPUT_DIR in step order, then final_adapter, with ROUGE; appends one row per
-# checkpoint to OUTPUT_DIR/eval_results.jsonl and prints the table by step with the best checkpoint marked.
+#   bash scripts/eval_all_checkpoints.sh experiments/009_text_summary --follow     # while training runs
+#   bash scripts/eval_all_checkpoints.sh experiments/009_text_summary --force      # score everything again
+# Scores every complete checkpoint of OUTPUT_DIR in step order, then final_adapter, with ROUGE (base model loaded once,
+# adapters swapped). Checkpoints already scored with the same validation data and generation settings are skipped,
+# so rerunning after a crash finishes the rest. One row per checkpoint goes to OUTPUT_DIR/eval_results.jsonl; then
+# OUTPUT_DIR/eval_summary.md, rouge_by_step.png, loss_curve.png and the best_checkpoint link are written.
+# NUM_PROCESSES > 1 splits the validation set over processes (one per GPU; on CPU, tests only).
 set -euo pipefail
 
 EXP_DIR="$(cd "${1:?usage: eval_all_checkpoints.sh EXPERIMENT_DIR [--setting value ...]}" && pwd)"
@@ -10,12 +15,23 @@ shift
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXP_NAME="$(basename "$EXP_DIR")"
 
-OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"               # the training run to score
-CONFIG="${CONFIG:-}"                                     # empty: the run's own settings (OUTPUT_DIR/run_config.yaml)
+detect_gpus() { (nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true) | grep -c . || true; }
+GPUS_FOUND="$(detect_gpus)"
+CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-}"          # e.g. 0,1,2,3; empty: every GPU of the machine
+if [[ -n "$CUDA_VISIBLE_DEVICES" && "$GPUS_FOUND" -gt 0 ]]; then
+  export CUDA_VISIBLE_DEVICES
+  GPUS_FOUND="$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)"
+fi
+
+OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"                # the training run to score
+CONFIG="${CONFIG:-}"                                      # empty: the run's own settings (OUTPUT_DIR/run_config.yaml)
+NUM_PROCESSES="${NUM_PROCESSES:-$(( GPUS_FOUND > 0 ? GPUS_FOUND : 1 ))}"  # each generates its share of the data
+MASTER_PORT="${MASTER_PORT:-29511}"                       # differs from training's 29500: both can run at once
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-}"                    # empty: 1 per process when several share a CPU
 WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"
-WANDB_MODE="${WANDB_MODE:-}"                             # empty: offline without credentials
+WANDB_MODE="${WANDB_MODE:-}"                              # empty: offline without credentials
 PYTHON="${PYTHON:-python}"
-DRY_RUN="${DRY_RUN:-0}"                                  # 1: print the command and exit without running it
+DRY_RUN="${DRY_RUN:-0}"                                   # 1: print the command and exit without running it
 
 cd "$REPO_ROOT"
 if [[ -z "$CONFIG" ]]; then
@@ -27,8 +43,27 @@ if [[ -z "$WANDB_MODE" ]]; then
   if [[ -n "${WANDB_API_KEY:-}" ]] || grep -qs "api.wandb.ai" "$HOME/.netrc"; then WANDB_MODE=online; else WANDB_MODE=offline; fi
 fi
 export WANDB_PROJECT WANDB_MODE WANDB_DIR="${WANDB_DIR:-$OUTPUT_DIR}"
+if [[ -z "$OMP_NUM_THREADS" && "$GPUS_FOUND" -eq 0 && "$NUM_PROCESSES" -gt 1 ]]; then
+  OMP_NUM_THREADS=1  # processes sharing CPU cores oversubscribe them otherwise
+fi
+[[ -n "$OMP_NUM_THREADS" ]] && export OMP_NUM_THREADS
 
-CMD=("$PYTHON" "$EXP_DIR/eval_checkpoint.py" --config "$CONFIG" --run_dir "$OUTPUT_DIR" --all_checkpoints)
-echo "+ ${CMD[*]} $*"
+SCRIPT=("$EXP_DIR/eval_checkpoint.py" --config "$CONFIG" --run_dir "$OUTPUT_DIR" --all_checkpoints)
+if [[ "$NUM_PROCESSES" -gt 1 ]]; then
+  # --multi_gpu is what starts N processes; on a CPU-only machine they join a gloo group (--cpu would start one).
+  LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1
+          --main_process_port "$MASTER_PORT" --dynamo_backend no --mixed_precision no)
+else
+  LAUNCH=("$PYTHON")
+fi
+echo "+ ${LAUNCH[*]} ${SCRIPT[*]} $*"
 [[ "$DRY_RUN" == "1" ]] && exit 0
-exec "${CMD[@]}" "$@"
+if [[ "$NUM_PROCESSES" -gt 1 ]]; then
+  # One cheap process first: bad settings exit 2 here (the launcher would turn it into 1), and when every
+  # checkpoint is already scored (exit 3, report refreshed) no process group and no model is started at all.
+  status=0
+  "$PYTHON" "${SCRIPT[@]}" "$@" --preflight || status=$?
+  [[ "$status" -eq 3 ]] && exit 0
+  [[ "$status" -ne 0 ]] && exit "$status"
+fi
+exec "${LAUNCH[@]}" "${SCRIPT[@]}" "$@"

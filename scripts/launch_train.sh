@@ -35,9 +35,32 @@ OMP_NUM_THREADS="${OMP_NUM_THREADS:-}"                    # empty: 1 per process
 RESUME="${RESUME:-auto}"                                  # auto: continue from the newest complete checkpoint; never
 OVERWRITE="${OVERWRITE:-0}"                               # 1 (with RESUME=never): delete the old run's checkpoints
 DRY_RUN="${DRY_RUN:-0}"                                   # 1: print the command and exit without running it
+PLAN="${PLAN:-check}"                                     # 1: print memory plan, exit 0; check: stop if no fit; 0: off
+PLAN_OVERRIDE="${PLAN_OVERRIDE:-0}"                       # 1: launch even when the memory plan does not fit
 
 cd "$REPO_ROOT"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# Per-GPU memory plan (python -m longctx.memory): reads the config and the architecture, loads no weights and no
+# CUDA. Planned for a GPU when the machine has one or the experiment requires one, else for the CPU (never blocks).
+plan() {
+  local device=cpu extra=()
+  if [[ "$GPUS_FOUND" -gt 0 || "$REQUIRE_GPU" == "1" ]]; then
+    device=cuda
+    local mib
+    mib="$( (nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null || true) | head -n 1)"
+    mib="$(tr -dc '0-9' <<<"$mib")"
+    [[ "${mib:-0}" -ge 1024 ]] && extra+=(--gpu_memory_gib "$(awk -v m="$mib" 'BEGIN { printf "%.1f", m / 1024 }')")
+    [[ "$USE_DEEPSPEED" != "0" ]] && extra+=(--deepspeed "$DS_CONFIG")
+  fi
+  "${PYTHON:-python}" -m longctx.memory --config "$CONFIG" --experiment_dir "$EXP_DIR" --device "$device" \
+    --num_gpus "$(( NUM_PROCESSES * NUM_MACHINES ))" ${extra[@]+"${extra[@]}"} "$@"
+}
+if [[ "$PLAN" == "1" ]]; then
+  status=0
+  plan "$@" || status=$?
+  exit $(( status == 3 ? 0 : status ))  # 3 = does not fit: printed, which is all PLAN=1 asks for
+fi
 
 if [[ "$GPUS_FOUND" -eq 0 && "$REQUIRE_GPU" == "1" ]]; then
   echo "error: $EXP_NAME is sized for CUDA GPUs and this machine has none (nvidia-smi found no GPU)." >&2
@@ -85,6 +108,20 @@ else
     LAUNCH+=(--multi_gpu)
   fi
   [[ "$GPUS_FOUND" -eq 0 && "$USE_DEEPSPEED" != "1" && "$NUM_PROCESSES" -eq 1 ]] && LAUNCH+=(--cpu)
+fi
+
+if [[ "$PLAN" != "0" ]]; then
+  status=0
+  plan "$@" || status=$?
+  if [[ "$status" -eq 3 && "$PLAN_OVERRIDE" != "1" ]]; then
+    echo "error: the memory plan above does not fit one GPU; use a switch or value it suggests," >&2
+    echo "       or PLAN_OVERRIDE=1 to launch anyway (PLAN=0 skips the plan)." >&2
+    exit 3
+  elif [[ "$status" -eq 3 ]]; then
+    echo "warning: the memory plan does not fit; launching anyway (PLAN_OVERRIDE=1)." >&2
+  elif [[ "$status" -ne 0 ]]; then
+    echo "warning: no memory plan (exit $status, reason above); launching anyway." >&2
+  fi
 fi
 
 echo "+ $(printf '%q ' "${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SCRIPT_ARGS[@]}" "$@")"

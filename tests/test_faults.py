@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import REPO_ROOT, subprocess_env, write_jsonl
 
@@ -48,6 +49,10 @@ def kill_after_checkpoint(out: Path, extra: list[str], step: int, **env) -> None
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
+    # torch elastic starts each rank in a session of its own: kill every process of this run, as a scheduler would.
+    for child in psutil.process_iter(["cmdline"]):
+        if str(out) in " ".join(child.info["cmdline"] or []):
+            child.kill()
     proc.wait(timeout=60)
     assert marker.exists(), "the run ended before the checkpoint to kill after was written"
     assert not (out / "final_adapter").exists(), "killed too late: the run had already finished"

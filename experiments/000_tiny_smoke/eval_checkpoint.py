@@ -1,4 +1,4 @@
-"""Score one checkpoint (or, with --all_checkpoints, every checkpoint of the run) with ROUGE.
+"""Score one checkpoint (or, with --all_checkpoints, every checkpoint of the run) with ROUGE; see longctx/evaluate.py.
 
     python experiments/000_tiny_smoke/eval_checkpoint.py --config experiments/000_tiny_smoke/config.yaml \
         --checkpoint runs/000_tiny_smoke/checkpoint-50

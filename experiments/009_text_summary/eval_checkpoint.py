@@ -1,4 +1,4 @@
-"""Score one checkpoint (or, with --all_checkpoints, every checkpoint of the run) with ROUGE.
+"""Score one checkpoint (or, with --all_checkpoints, every checkpoint of the run) with ROUGE; see longctx/evaluate.py.
 
     python experiments/009_text_summary/eval_checkpoint.py --config experiments/009_text_summary/config.yaml \
         --checkpoint runs/009_text_summary/checkpoint-200

@@ -1,0 +1,131 @@
+"""longctx.report: summary table, best checkpoint by ROUGE-Lsum and by eval loss, the two plots, the best link.
+
+Hand-made rows and trainer_state.json: no model, no training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from longctx import report
+
+
+def row(name: str, step: int, lsum: float, fp: str = "fp", **extra) -> dict:
+    r = {"checkpoint": name, "global_step": step, "num_examples": 12, "num_empty": 0, "eval_fingerprint": fp}
+    for i, metric in enumerate(("rouge1", "rouge2", "rougeL", "rougeLsum")):
+        mid = lsum + 0.05 * (1 - i) if metric != "rougeLsum" else lsum
+        r.update({metric: mid, f"{metric}_low": mid - 0.04, f"{metric}_high": mid + 0.03})
+    r.update(extra)
+    return r
+
+
+ROWS = [row("checkpoint-100", 100, 0.30, num_empty=2), row("checkpoint-200", 200, 0.52),
+        row("checkpoint-300", 300, 0.47), row("final_adapter", 300, 0.47)]
+STATE = {"log_history": [
+    {"step": 10, "loss": 3.1}, {"step": 100, "loss": 2.2}, {"step": 100, "eval_loss": 2.4},
+    {"step": 200, "loss": 1.7}, {"step": 200, "eval_loss": 2.0}, {"step": 300, "loss": 1.2},
+    {"step": 300, "eval_loss": 1.9}, {"step": 300, "train_runtime": 55.0},
+]}
+
+
+@pytest.fixture()
+def run_dir(tmp_path) -> Path:
+    for name in ("checkpoint-100", "checkpoint-200", "checkpoint-300", "final_adapter"):
+        (tmp_path / name).mkdir()
+    # Only the latest checkpoint's state holds the whole history; an older one must not be picked.
+    (tmp_path / "checkpoint-300" / "trainer_state.json").write_text(json.dumps(STATE))
+    early = {"log_history": STATE["log_history"][:3]}
+    (tmp_path / "checkpoint-100" / "trainer_state.json").write_text(json.dumps(early))
+    return tmp_path
+
+
+def test_best_by_rouge_lsum_and_by_eval_loss_can_differ():
+    assert report.best_row(ROWS)["checkpoint"] == "checkpoint-200"
+    assert report.eval_losses(STATE) == {100: 2.4, 200: 2.0, 300: 1.9}
+    md = report.summary_markdown(ROWS, STATE, "run1")
+    assert "**Best by ROUGE-Lsum:** checkpoint-200 (step 200): ROUGE-Lsum 0.5200 [0.480, 0.550]." in md
+    assert "**Best by eval loss:** checkpoint-300 (step 300): eval loss 1.9000." in md  # not final_adapter: tie
+
+
+def test_ties_go_to_the_earliest_step_and_checkpoint_before_final_adapter():
+    rows = [row("final_adapter", 300, 0.5), row("checkpoint-300", 300, 0.5), row("checkpoint-200", 200, 0.5)]
+    assert report.best_row(rows)["checkpoint"] == "checkpoint-200"
+    assert [r["checkpoint"] for r in report.by_step(rows)] == ["checkpoint-200", "checkpoint-300", "final_adapter"]
+
+
+def test_summary_table_by_step_with_intervals_eval_loss_and_empty_counts():
+    md = report.summary_markdown(list(reversed(ROWS)), STATE, "run1")
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| checkpoint | step | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | eval loss | empty | n |"
+    assert lines[1] == ("| checkpoint-100 | 100 | 0.3500 [0.310, 0.380] | 0.3000 [0.260, 0.330] "
+                        "| 0.2500 [0.210, 0.280] | 0.3000 [0.260, 0.330] | 2.4000 | 2 | 12 |")
+    assert lines[2].startswith("| **checkpoint-200** | 200 |")  # the best, in bold
+    assert [line.split("|")[1].strip() for line in lines[3:]] == ["checkpoint-300", "final_adapter"]
+    assert "![ROUGE by step](rouge_by_step.png)" in md and "![Loss](loss_curve.png)" in md
+
+
+def test_write_report_makes_summary_plots_and_relative_best_link(run_dir):
+    import matplotlib.image
+
+    paths = report.write_report(run_dir, ROWS)
+    assert paths["summary"].read_text().startswith(f"# Evaluation of {run_dir.name}")
+    assert "eval loss 1.9000" in paths["summary"].read_text()  # from checkpoint-300's state, the latest
+    for key in ("rouge_plot", "loss_plot"):
+        data = paths[key].read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        height, width, _ = matplotlib.image.imread(paths[key]).shape
+        assert (width, height) == (880, 495)
+    link = run_dir / "best_checkpoint"
+    assert link.is_symlink() and str(link.readlink()) == "checkpoint-200"  # relative: the run can be moved
+    assert link.resolve() == (run_dir / "checkpoint-200").resolve()
+    assert not list(run_dir.glob(".*.tmp"))
+
+    better = ROWS + [row("checkpoint-400", 400, 0.61)]
+    (run_dir / "checkpoint-400").mkdir()
+    report.write_report(run_dir, better)
+    assert str(link.readlink()) == "checkpoint-400"  # replaced in place
+
+
+def test_without_trainer_state_the_loss_plot_is_left_out(tmp_path):
+    (tmp_path / "checkpoint-1").mkdir()
+    paths = report.write_report(tmp_path, [row("checkpoint-1", 1, 0.2)])
+    assert "loss_plot" not in paths and not (tmp_path / "loss_curve.png").exists()
+    assert "no eval loss in trainer_state.json" in paths["summary"].read_text()
+    assert (tmp_path / "rouge_by_step.png").is_file()
+
+
+def test_rows_without_intervals_still_plot_and_tabulate(tmp_path):
+    (tmp_path / "checkpoint-1").mkdir()
+    legacy = {"checkpoint": "checkpoint-1", "global_step": 1, "rouge1": 0.3, "rouge2": 0.1, "rougeL": 0.2,
+              "rougeLsum": 0.25, "num_examples": 4}
+    paths = report.write_report(tmp_path, [legacy])
+    assert "| **checkpoint-1** | 1 | 0.3000 | 0.1000 | 0.2000 | 0.2500 |" in paths["summary"].read_text()
+    assert paths["rouge_plot"].is_file()
+
+
+def test_final_adapter_at_a_checkpoint_step_is_plotted_once():
+    plotted = [r["checkpoint"] for r in report._plotted(ROWS)]
+    assert plotted == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    alone = [row("checkpoint-100", 100, 0.3), row("final_adapter", 150, 0.4)]
+    assert [r["checkpoint"] for r in report._plotted(alone)] == ["checkpoint-100", "final_adapter"]
+
+
+def test_select_rows_keeps_one_settings_latest_row_per_checkpoint():
+    rows = [row("checkpoint-1", 1, 0.1, fp="a"), row("checkpoint-1", 1, 0.2, fp="b"),
+            row("checkpoint-1", 1, 0.3, fp="a"), row("checkpoint-2", 2, 0.4, fp="a")]
+    chosen = report.select_rows(rows, "a")
+    assert [(r["checkpoint"], r["rougeLsum"]) for r in chosen] == [("checkpoint-1", 0.3), ("checkpoint-2", 0.4)]
+
+
+def test_command_line_redraws_from_eval_results(run_dir, capsys):
+    (run_dir / "eval_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    report.main([str(run_dir)])
+    assert f"summary: {run_dir / 'eval_summary.md'}" in capsys.readouterr().out
+    assert (run_dir / "best_checkpoint").readlink() == Path("checkpoint-200")
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(run_dir / "nowhere")])
+    assert exit_.value.code == 2
+    assert "score the run first" in capsys.readouterr().err
