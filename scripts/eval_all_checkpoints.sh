@@ -15,13 +15,10 @@ shift
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXP_NAME="$(basename "$EXP_DIR")"
 
-detect_gpus() { (nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true) | grep -c . || true; }
-GPUS_FOUND="$(detect_gpus)"
+source "$REPO_ROOT/scripts/common.sh"
 CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-}"          # e.g. 0,1,2,3; empty: every GPU of the machine
-if [[ -n "$CUDA_VISIBLE_DEVICES" && "$GPUS_FOUND" -gt 0 ]]; then
-  export CUDA_VISIBLE_DEVICES
-  GPUS_FOUND="$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)"
-fi
+[[ -n "$CUDA_VISIBLE_DEVICES" ]] && export CUDA_VISIBLE_DEVICES
+GPUS_FOUND="$(count_gpus)"
 
 OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"                # the training run to score
 CONFIG="${CONFIG:-}"                                      # empty: the run's own settings (OUTPUT_DIR/run_config.yaml)
@@ -39,9 +36,7 @@ if [[ -z "$CONFIG" ]]; then
   if [[ -f "$OUTPUT_DIR/run_config.yaml" ]]; then CONFIG="$OUTPUT_DIR/run_config.yaml"; else CONFIG="$EXP_DIR/config.yaml"; fi
 fi
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-if [[ -z "$WANDB_MODE" ]]; then
-  if [[ -n "${WANDB_API_KEY:-}" ]] || grep -qs "api.wandb.ai" "$HOME/.netrc"; then WANDB_MODE=online; else WANDB_MODE=offline; fi
-fi
+[[ -z "$WANDB_MODE" ]] && WANDB_MODE="$(default_wandb_mode)"
 export WANDB_PROJECT WANDB_MODE WANDB_DIR="${WANDB_DIR:-$OUTPUT_DIR}"
 if [[ -z "$OMP_NUM_THREADS" && "$GPUS_FOUND" -eq 0 && "$NUM_PROCESSES" -gt 1 ]]; then
   OMP_NUM_THREADS=1  # processes sharing CPU cores oversubscribe them otherwise

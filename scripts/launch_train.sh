@@ -10,13 +10,10 @@ shift
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXP_NAME="$(basename "$EXP_DIR")"
 
-detect_gpus() { (nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null || true) | grep -c . || true; }
-GPUS_FOUND="$(detect_gpus)"
+source "$REPO_ROOT/scripts/common.sh"
 CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-}"          # e.g. 0,1,2,3; empty: every GPU of the machine
-if [[ -n "$CUDA_VISIBLE_DEVICES" && "$GPUS_FOUND" -gt 0 ]]; then
-  export CUDA_VISIBLE_DEVICES
-  GPUS_FOUND="$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)"
-fi
+[[ -n "$CUDA_VISIBLE_DEVICES" ]] && export CUDA_VISIBLE_DEVICES
+GPUS_FOUND="$(count_gpus)"
 
 CONFIG="${CONFIG:-$EXP_DIR/config.yaml}"                # the experiment's settings
 OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"                # checkpoints, final_adapter, reports, W&B files
@@ -83,10 +80,7 @@ if [[ -z "$OMP_NUM_THREADS" && "$GPUS_FOUND" -eq 0 && "$NUM_PROCESSES" -gt 1 ]];
 fi
 [[ -n "$OMP_NUM_THREADS" ]] && export OMP_NUM_THREADS
 
-# W&B: online only with credentials; the key's value is never printed.
-if [[ -z "$WANDB_MODE" ]]; then
-  if [[ -n "${WANDB_API_KEY:-}" ]] || grep -qs "api.wandb.ai" "$HOME/.netrc"; then WANDB_MODE=online; else WANDB_MODE=offline; fi
-fi
+[[ -z "$WANDB_MODE" ]] && WANDB_MODE="$(default_wandb_mode)"
 export WANDB_PROJECT WANDB_MODE WANDB_DIR="${WANDB_DIR:-$OUTPUT_DIR}"
 
 SCRIPT_ARGS=(--config "$CONFIG" --output_dir "$OUTPUT_DIR" --resume "$RESUME")
@@ -119,6 +113,8 @@ if [[ "$PLAN" != "0" ]]; then
     exit 3
   elif [[ "$status" -eq 3 ]]; then
     echo "warning: the memory plan does not fit; launching anyway (PLAN_OVERRIDE=1)." >&2
+  elif [[ "$status" -eq 2 ]]; then
+    exit 2  # a bad setting (named above): caught here, before any process group or model load
   elif [[ "$status" -ne 0 ]]; then
     echo "warning: no memory plan (exit $status, reason above); launching anyway." >&2
   fi
