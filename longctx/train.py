@@ -105,16 +105,14 @@ def use_usable_records(scans: dict, data_args, output_dir: str) -> None:
     problems = [p for scan in scans.values() for p in scan.problems]
     if not problems:
         return
+    usable_dir = Path(output_dir) / "data_usable"
     if is_main_process():
         with (Path(output_dir) / BAD_RECORDS_REPORT).open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(p) + "\n" for p in problems)
-        for split, attr in (("train", "train_file"), ("validation", "validation_file")):
-            if scans[split].problems:
-                setattr(data_args, attr, str(usable_copy(scans[split], Path(output_dir) / "data_usable")))
-    else:
-        for split, attr in (("train", "train_file"), ("validation", "validation_file")):
-            if scans[split].problems:
-                setattr(data_args, attr, str(Path(output_dir) / "data_usable" / scans[split].path.name))
+    for split, attr in (("train", "train_file"), ("validation", "validation_file")):
+        if scans[split].problems:  # rank 0 writes the copy (main_process_first), every rank reads it
+            copy = usable_copy(scans[split], usable_dir) if is_main_process() else usable_dir / scans[split].path.name
+            setattr(data_args, attr, str(copy))
     print0(f"bad records skipped (on_bad_record: skip): " + ", ".join(
         f"{split} {len(scan.problems)}" for split, scan in scans.items()) +
         f"; listed in {Path(output_dir) / BAD_RECORDS_REPORT}")

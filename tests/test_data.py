@@ -203,24 +203,18 @@ def test_check_records_custom_field_names(tmp_path):
         check_records(path, data)
 
 
-def test_check_records_non_utf8_bytes(tmp_path):
+@pytest.mark.parametrize("raw, line, reason", [
+    (json.dumps(GOOD).encode() + b"\n" + b'{"document": "caf\xe9", "summary": "s"}\n', 2, "not valid UTF-8"),
+    (b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n", 1, "byte-order mark"),
+], ids=["non_utf8_bytes", "utf8_bom"])
+def test_check_records_encoding_errors_name_the_line(tmp_path, raw, line, reason):
     path = tmp_path / "train.jsonl"
-    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"document": "caf\xe9", "summary": "s"}\n')
+    path.write_bytes(raw)
     with pytest.raises(DataError) as info:
         check_records(path, DataArguments())
     message = str(info.value)
-    assert f"{path}: line 2:" in message
-    assert "not valid UTF-8" in message
-
-
-def test_check_records_utf8_bom(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
-    with pytest.raises(DataError) as info:
-        check_records(path, DataArguments())
-    message = str(info.value)
-    assert f"{path}: line 1:" in message
-    assert "byte-order mark" in message
+    assert f"{path}: line {line}:" in message
+    assert reason in message
 
 
 def test_check_records_accepts_crlf(tmp_path):
