@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import sha256_file, write_atomic
+
+FINAL_ADAPTER = "final_adapter"  # OUTPUT_DIR/final_adapter: the adapter after the last step (with manifest.json)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"
@@ -30,14 +32,6 @@ class Checkpoint:
         return self.path.name
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(path: str | Path, global_step: int, git_commit: str | None) -> dict:
     """Record every file under `path` (size; sha256 for the adapter files), then write manifest.json last, via a
     rename, so its presence means the directory was written whole."""
@@ -46,12 +40,10 @@ def write_manifest(path: str | Path, global_step: int, git_commit: str | None) -
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
         entry = {"size": file.stat().st_size}
         if file.name in HASHED:
-            entry["sha256"] = _sha256(file)
+            entry["sha256"] = sha256_file(file)
         files[file.relative_to(path).as_posix()] = entry
     manifest = {"global_step": global_step, "git_commit": git_commit, "files": files}
-    tmp = path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    tmp.replace(path / MANIFEST)
+    write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -69,7 +61,7 @@ def manifest_problem(path: Path) -> str | None:
             return f"{name} is missing (listed in {MANIFEST})"
         if file.stat().st_size != entry["size"]:
             return f"{name} has {file.stat().st_size} bytes, {MANIFEST} says {entry['size']} (truncated or altered)"
-        if "sha256" in entry and _sha256(file) != entry["sha256"]:
+        if "sha256" in entry and sha256_file(file) != entry["sha256"]:
             return f"{name} does not match its sha256 in {MANIFEST} (altered after saving)"
     return None
 
@@ -119,7 +111,7 @@ def find_checkpoints(run_dir: str | Path, include_final: bool = True, warn=print
     run_dir = Path(run_dir)
     candidates = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
     candidates.sort(key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
-    final = run_dir / "final_adapter"
+    final = run_dir / FINAL_ADAPTER
     if include_final and final.is_dir():
         candidates.append(final)
     found = []

@@ -10,6 +10,7 @@ before any weights, data or process group is touched (see `validate`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import enum
@@ -18,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from unittest import mock
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -192,11 +194,14 @@ def load_yaml(path: str | os.PathLike, known_keys: set[str]) -> dict[str, Any]:
     return values
 
 
-def parse_config(argv: list[str] | None = None, dataclass_types=DATACLASSES, tolerated_keys: set[str] = frozenset()):
+def parse_config(argv: list[str] | None = None, dataclass_types=DATACLASSES, tolerated_keys: set[str] = frozenset(),
+                 check_this_machine: bool = True):
     """Parse `--config FILE` plus flags into the dataclasses, flags winning over the file.
 
     Returns (dataclass instances, config path, extra): config keys in `tolerated_keys` that these dataclasses do
     not define (e.g. training settings read by the evaluation tool) are returned in `extra` instead of rejected.
+    check_this_machine=False parses the settings for the machine they are meant for: TrainingArguments then
+    accepts bf16 on a machine without a bf16 GPU (checking 009's config on a laptop), and nothing else changes.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -214,7 +219,8 @@ def parse_config(argv: list[str] | None = None, dataclass_types=DATACLASSES, tol
             if action.dest in values:
                 action.required = False
     try:
-        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        with _hardware_checks(check_this_machine):
+            *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as err:  # a dataclass __post_init__ (e.g. TrainingArguments) rejected a value
         raise ConfigError(f"{known.config or 'command line'}: {err}") from err
     if remaining:
@@ -223,6 +229,18 @@ def parse_config(argv: list[str] | None = None, dataclass_types=DATACLASSES, tol
         hint = f" Did you mean '{near[0]}'?" if near else " See --help for every setting."
         raise ConfigError(f"command line: unknown argument(s) {remaining}.{hint}")
     return tuple(p for p in parsed if not isinstance(p, argparse.Namespace)), known.config, extra
+
+
+@contextlib.contextmanager
+def _hardware_checks(on: bool):
+    """TrainingArguments refuses bf16 where this machine has no bf16 GPU; off, it is told the GPU is there."""
+    if on:
+        yield
+        return
+    from transformers import training_args
+
+    with mock.patch.object(training_args, "is_torch_bf16_gpu_available", lambda *_args, **_kwargs: True):
+        yield
 
 
 def resolved_config(*args) -> dict[str, Any]:
@@ -262,6 +280,12 @@ def validate_data(data: DataArguments, need_train: bool = True) -> None:
         _check(value is None or value > 0, name, value, "use a positive integer or leave it unset.")
 
 
+def validate_generation(gen: GenerationArguments) -> None:
+    """The generation settings (training validates them too, so a bad value stops the run before, not after)."""
+    _check(gen.max_new_tokens > 0, "max_new_tokens", gen.max_new_tokens, "use a positive number of tokens.")
+    _check(gen.generation_batch_size > 0, "generation_batch_size", gen.generation_batch_size, "use 1 or more.")
+
+
 def by_type(parsed) -> dict[type, Any]:
     """The parsed dataclass instances keyed by their class: args[DataArguments].data_field."""
     return {type(obj): obj for obj in parsed}
@@ -299,8 +323,7 @@ def validate(*parsed) -> None:
     _check(0.0 <= lora.lora_dropout < 1.0, "lora_dropout", lora.lora_dropout, "use a value in [0, 1).")
     _check(len(lora.lora_target_modules) > 0, "lora_target_modules", lora.lora_target_modules,
            "name at least one module, e.g. [q_proj, v_proj], or 'all-linear'.")
-    _check(gen.max_new_tokens > 0, "max_new_tokens", gen.max_new_tokens, "use a positive number of tokens.")
-    _check(gen.generation_batch_size > 0, "generation_batch_size", gen.generation_batch_size, "use 1 or more.")
+    validate_generation(gen)
     for name in ("watchdog_timeout_seconds", "step_timeout_seconds"):
         value = getattr(run, name)
         _check(value is None or value > 0, name, value, "use a positive number of seconds, or leave it unset.")

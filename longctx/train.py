@@ -20,6 +20,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import enable_full_determinism
 
 from . import checkpoints
+from .checkpoints import FINAL_ADAPTER
 from .callbacks import (ManifestCallback, NonFiniteLossError, StepWatchdogCallback, ThroughputMeter, Watchdog,
                         gpu_memory, perplexity)
 from .collate import PadCollator
@@ -32,7 +33,6 @@ from .loss import summary_loss
 from .modeling import apply_lora, load_base_model, load_tokenizer, resolve_attn_implementation, resolve_dtype
 from .tiling import apply_memory_switches
 
-FINAL_ADAPTER = "final_adapter"
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets", "wandb", "rouge-score",
             "flash-attn")
 
