@@ -1,93 +1,18 @@
-"""What the training log carries beyond the Trainer's own fields (tokens/s, GPU memory, eval perplexity), the
-non-finite loss guard, checkpoint manifests and the hang watchdog."""
+"""The TrainerCallbacks this project adds: checkpoint manifests and the hang watchdog over steps and the end of
+the run."""
 
 from __future__ import annotations
 
-import faulthandler
-import math
-import sys
-import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .checkpoints import write_manifest
+from .distributed import print0
+from .watchdog import Watchdog
 
-
-class NonFiniteLossError(RuntimeError):
-    """Raised on every rank at once (the check is all-reduced), so no rank waits forever on the others."""
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
-
-
-def gpu_memory() -> tuple[dict[str, float], str] | None:
-    """Peak memory of this process's GPU since the last call: numbers for W&B and the line for the console,
-    e.g. 'gpu_mem: 24.5GB/80GB (31%)'. None without CUDA."""
-    if not torch.cuda.is_available():
-        return None
-    device = torch.cuda.current_device()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    torch.cuda.reset_peak_memory_stats(device)
-    percent = 100.0 * peak / total
-    line = f"gpu_mem: {peak:.1f}GB/{total:.0f}GB ({percent:.0f}%)"
-    return {"gpu_mem_peak_gib": round(peak, 2), "gpu_mem_percent": round(percent, 1)}, line
-
-
-class ThroughputMeter:
-    """Non-padding tokens this process trained on per second, between two log calls."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.since: float | None = None
-
-    def add(self, tokens: int) -> None:
-        if self.since is None:
-            self.since = time.perf_counter()
-        self.tokens += tokens
-
-    def take(self) -> float | None:
-        if self.since is None:
-            return None
-        now = time.perf_counter()
-        rate = self.tokens / max(now - self.since, 1e-9)
-        self.tokens, self.since = 0, now
-        return rate
-
-
-class Watchdog:
-    """Arms faulthandler's timer: if the guarded section is still running after `seconds`, every thread's stack is
-    written to stderr and the process exits with status 1. It needs no Python code to run at expiry, so it fires
-    even when the process is stuck inside a collective (NCCL / gloo) or I/O."""
-
-    def __init__(self, seconds: float | None):
-        self.seconds = seconds
-
-    def arm(self, what: str) -> None:
-        if self.seconds:
-            print(f"watchdog: {what} must finish within {self.seconds:g} s, or every thread's stack is dumped "
-                  f"and the process exits", file=sys.stderr, flush=True)
-            faulthandler.dump_traceback_later(self.seconds, exit=True, file=sys.stderr)
-
-    def disarm(self) -> None:
-        faulthandler.cancel_dump_traceback_later()
-
-
-class StepWatchdogCallback(TrainerCallback):
-    """Guards each optimizer step (forward, backward, optimizer) with the watchdog."""
-
-    def __init__(self, seconds: float):
-        self.watchdog = Watchdog(seconds)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        faulthandler.dump_traceback_later(self.watchdog.seconds, exit=True, file=sys.stderr)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.watchdog.disarm()
+END_OF_RUN = "the end of the run (last eval and save, final adapter, teardown)"
 
 
 class ManifestCallback(TrainerCallback):
@@ -104,3 +29,26 @@ class ManifestCallback(TrainerCallback):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
                 write_manifest(path, state.global_step, self.git_commit)
+                print0(f"checkpoint complete: {path} (step {state.global_step})")
+
+
+class WatchdogCallback(TrainerCallback):
+    """No silent hang anywhere in the run.
+
+    With `step_seconds` (step_timeout_seconds) every optimizer step is guarded from its first forward until the
+    next step begins, so its eval and save, which the Trainer runs after on_step_end, are inside the guard. When the
+    last step ends, `end` (watchdog_timeout_seconds) takes over: the Trainer's last eval and save, then the final
+    adapter save and teardown in longctx.train, which disarms it at the very end."""
+
+    def __init__(self, step_seconds: float | None, end: Watchdog):
+        self.step = Watchdog(step_seconds, "step_timeout_seconds")
+        self.end = end
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step.arm("each optimizer step, with its eval and save,")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # DefaultFlowCallback, which runs before this one, has set should_training_stop at the last step.
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            self.step.disarm()
+            self.end.arm(END_OF_RUN)

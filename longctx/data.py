@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataArguments
+from .files import atomic_path, write_atomic
 
 IGNORE_INDEX = -100
 LENGTH_REPORT = "length_report.jsonl"
@@ -106,16 +107,15 @@ def usable_copy(scan: RecordScan, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / scan.path.name
-    tmp = out.with_name(out.name + ".tmp")
-    if scan.path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    with atomic_path(out) as tmp:
+        if scan.path.suffix == ".parquet":
+            import pyarrow.parquet as pq
 
-        table = pq.read_table(scan.path)
-        pq.write_table(table.take([row - 1 for row in scan.keep_lines]), tmp)
-    else:
-        lines = scan.path.read_bytes().split(b"\n")
-        tmp.write_bytes(b"\n".join(lines[n - 1].rstrip(b"\r") for n in scan.keep_lines) + b"\n")
-    tmp.replace(out)
+            table = pq.read_table(scan.path)
+            pq.write_table(table.take([row - 1 for row in scan.keep_lines]), tmp)
+        else:
+            lines = scan.path.read_bytes().split(b"\n")
+            tmp.write_bytes(b"\n".join(lines[n - 1].rstrip(b"\r") for n in scan.keep_lines) + b"\n")
     return out
 
 
@@ -256,11 +256,7 @@ def write_length_report(rows: list[dict], output_dir: str | Path, counts: dict[s
     """Write OUTPUT_DIR/length_report.jsonl (one row per dropped or truncated sample) and return the summary."""
     path = Path(output_dir) / LENGTH_REPORT
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
     actions = Counter((row["split"], row["length_action"]) for row in rows)
     parts = [f"{split}: {counts[split]} records, {actions[(split, 'drop')]} dropped, "
              f"{actions[(split, 'truncate')]} truncated" for split in counts]

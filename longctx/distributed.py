@@ -24,11 +24,6 @@ def print0(*args, file=None, **kwargs) -> None:
         print(*args, file=file or sys.stdout, flush=True, **kwargs)
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def teardown() -> None:
     """Barrier, then destroy the process group: without it, ranks can wait forever on each other at exit."""
     if dist.is_available() and dist.is_initialized():
@@ -36,22 +31,25 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def deepspeed_on_cpu_args(argv: list[str]) -> list[str]:
-    """Extra arguments that let DeepSpeed run data-parallel on a machine without GPUs (tests, laptops).
+def cpu_process_group_args(argv: list[str]) -> list[str]:
+    """Extra arguments that let several training processes on a machine without GPUs (tests, laptops) form one
+    data-parallel job, under plain DDP and under DeepSpeed.
 
-    accelerate attaches DeepSpeed to a process group only on accelerators; on a CPU-only machine every DeepSpeed
-    process believes it is alone (world size 1), so data is not sharded and "auto" batch sizes are wrong. Here the
-    gloo process group is created first, marked as DeepSpeed's, and TrainingArguments is told to use it
-    (accelerator_config.use_configured_state). On GPUs this returns [] and nothing changes.
+    transformers' TrainingArguments builds its process group only for accelerators (or use_cpu, which accelerate
+    launch turns into a single process): on a CPU-only machine every process of a multi-process launch believes it
+    is alone (world size 1), so data is not sharded, every rank saves as rank 0, and DeepSpeed's "auto" batch sizes
+    are wrong. Here the gloo process group is created first (marked as DeepSpeed's when DeepSpeed is on), and
+    TrainingArguments is told to use it (accelerator_config.use_configured_state). On GPUs, or with one process,
+    this returns [] and nothing changes.
     """
     import torch
 
-    wants_deepspeed = "--deepspeed" in argv or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    if torch.cuda.is_available() or not wants_deepspeed or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return []
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
     PartialState(cpu=True)  # gloo process group over the launcher's RANK / WORLD_SIZE / MASTER_ADDR
-    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    if "--deepspeed" in argv or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
     return ["--accelerator_config", '{"use_configured_state": true}']

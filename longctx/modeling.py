@@ -1,4 +1,5 @@
-"""Tokenizer + base model (attention backend, dtype) + LoRA."""
+"""Tokenizer + base model (attention backend, dtype) + LoRA + the long-context memory switches (tiled MLP,
+activation offload), applied to the built model and TrainingArguments before the Trainer sees them."""
 
 from __future__ import annotations
 
@@ -72,3 +73,20 @@ def apply_lora(model, lora_args: LoraArguments):
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
     )
     return get_peft_model(model, config)
+
+
+def apply_memory_switches(model, memory, training) -> list[str]:
+    """Apply MemoryArguments to the built (LoRA-wrapped) model and to TrainingArguments, before the Trainer exists.
+    Returns one line per switch for the run log."""
+    from .offload import enable_offload
+    from .tiling import enable_tiled_mlp
+
+    lines = []
+    if memory.tiled_mlp:
+        count = enable_tiled_mlp(model, memory.tiled_mlp_tile_tokens)
+        lines.append(f"tiled MLP: on ({count} layers, tiles of {memory.tiled_mlp_tile_tokens} tokens, DeepSpeed "
+                     f"TiledMLP; batches of at most {memory.tiled_mlp_tile_tokens} tokens run untiled)")
+    else:
+        lines.append("tiled MLP: off")
+    lines.append(enable_offload(training) if memory.offload_activations else "activation offload: off")
+    return lines

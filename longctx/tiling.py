@@ -1,8 +1,7 @@
-"""The long-context memory switches, applied to a built model before the Trainer sees it.
+"""Tiled MLP: every decoder layer's MLP runs over the sequence in tiles (the `tiled_mlp` switch).
 
-    tiled_mlp: true              # config.yaml (MemoryArguments); see `python -m longctx.memory` for what each saves
+    tiled_mlp: true              # config.yaml (MemoryArguments); `python -m longctx.planner` shows what it saves
     tiled_mlp_tile_tokens: 8192
-    offload_activations: true
 
 tiled_mlp: every decoder layer's gated MLP (gate_proj / up_proj / down_proj, as in Qwen3, Llama, Mistral) runs over
 the sequence in tiles through DeepSpeed's `TiledMLP` (deepspeed/runtime/sequence_parallel/ulysses_sp.py, the ALST
@@ -17,18 +16,12 @@ in the backward. Two things are added around it here:
 Under ZeRO-2 the trainable MLP weights are handed to TiledMLP as `compute_params`: their gradients, accumulated
 over the tiles, are reduced once. Plain multi-process DDP would reduce them once per tile and fails; `validate`
 rejects that combination.
-
-offload_activations: mapped onto transformers' own switch, activation_checkpointing_kwargs {"offload": true}
-(PreTrainedModel.activation_checkpointing_enable(offload=True) -> torch.autograd.graph.save_on_cpu around every
-checkpointed layer): the layer inputs kept for the recompute live in pinned host memory and come back to the GPU
-for their layer's recompute. Merged into the existing kwargs (use_reentrant: false stays).
 """
 
 from __future__ import annotations
 
 import math
 import types
-from typing import Any
 
 import torch
 
@@ -138,50 +131,3 @@ def disable_tiled_mlp(model: torch.nn.Module) -> int:
             delattr(mlp, TILED_FORWARD_ATTR)
             count += 1
     return count
-
-
-def offload_checkpointing_kwargs(current: dict[str, Any] | str | None) -> dict[str, Any]:
-    """activation_checkpointing_kwargs with offload on, every other key kept (use_reentrant: false by default, as
-    transformers itself defaults to)."""
-    if isinstance(current, str):  # TrainingArguments accepts a JSON string on the command line
-        import json
-
-        current = json.loads(current) if current.strip() else None
-    merged = dict(current or {})
-    merged.setdefault("use_reentrant", False)
-    merged["offload"] = True
-    return merged
-
-
-def has_accelerator() -> bool:
-    """Whether torch sees a device (CUDA, XPU, ...) whose memory the offload switch would relieve."""
-    try:
-        return torch.accelerator.current_accelerator() is not None
-    except (AttributeError, RuntimeError):  # older torch
-        return torch.cuda.is_available()
-
-
-def apply_memory_switches(model: torch.nn.Module, memory, training) -> list[str]:
-    """Apply MemoryArguments to the built (LoRA-wrapped) model and to TrainingArguments, before the Trainer exists.
-    Returns one line per switch for the run log."""
-    lines = []
-    if memory.tiled_mlp:
-        count = enable_tiled_mlp(model, memory.tiled_mlp_tile_tokens)
-        lines.append(f"tiled MLP: on ({count} layers, tiles of {memory.tiled_mlp_tile_tokens} tokens, DeepSpeed "
-                     f"TiledMLP; batches of at most {memory.tiled_mlp_tile_tokens} tokens run untiled)")
-    else:
-        lines.append("tiled MLP: off")
-    if memory.offload_activations and not has_accelerator():
-        # The activations already live in host memory, and transformers' save_on_cpu(pin_memory=True) cannot pin
-        # without an accelerator ("no pinned memory allocator"): nothing to move, so nothing is switched on.
-        lines.append("activation offload: requested, not applicable without an accelerator (activations already "
-                     "live in host memory); left off")
-    elif memory.offload_activations:
-        kwargs = offload_checkpointing_kwargs(training.activation_checkpointing_kwargs)
-        training.activation_checkpointing_kwargs = kwargs
-        training.gradient_checkpointing_kwargs = kwargs  # the deprecated alias mirrors the new name
-        lines.append(f"activation offload: on (checkpointed layer inputs in pinned CPU memory; "
-                     f"activation_checkpointing_kwargs = {kwargs})")
-    else:
-        lines.append("activation offload: off")
-    return lines

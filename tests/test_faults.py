@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import REPO_ROOT, subprocess_env, write_jsonl
+from launching import experiment_with, launch as launch_experiment, start, wait_for_line
 
 from longctx import checkpoints
 
@@ -40,21 +41,19 @@ def launch(out: Path, extra: list[str], timeout: float = 600, **env) -> subproce
 
 
 def kill_after_checkpoint(out: Path, extra: list[str], step: int, **env) -> None:
-    """Start training and SIGKILL the whole process group once checkpoint-<step> is complete."""
-    proc = subprocess.Popen(["bash", str(TRAIN), *extra], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=subprocess_env(OUTPUT_DIR=str(out), **env))
-    marker = out / f"checkpoint-{step}" / checkpoints.MANIFEST
-    deadline = time.monotonic() + 600
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    # torch elastic starts each rank in a session of its own: kill every process of this run, as a scheduler would.
-    for child in psutil.process_iter(["cmdline"]):
-        if str(out) in " ".join(child.info["cmdline"] or []):
-            child.kill()
-    proc.wait(timeout=60)
-    assert marker.exists(), "the run ended before the checkpoint to kill after was written"
+    """Start training and SIGKILL the whole job once it prints that checkpoint-<step> is complete."""
+    proc = start(["bash", str(TRAIN), *extra], OUTPUT_DIR=str(out), **env)
+    try:
+        wait_for_line(proc, rf"checkpoint complete: \S*checkpoint-{step} ", timeout=600)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        # torch elastic starts each rank in a session of its own: kill every process of this run, as a scheduler
+        # would.
+        for child in psutil.process_iter(["cmdline"]):
+            if str(out) in " ".join(child.info["cmdline"] or []):
+                child.kill()
+        proc.wait(timeout=60)
+    assert (out / f"checkpoint-{step}" / checkpoints.MANIFEST).exists()
     assert not (out / "final_adapter").exists(), "killed too late: the run had already finished"
 
 
@@ -180,36 +179,123 @@ def test_nan_loss_stops_at_that_step_without_a_poisoned_checkpoint(tmp_path, tin
         assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
+HANG = """
+import os, sys, time
+
+
+def hang(*_args, **_kwargs):  # a peer that never answers
+    print(f"hanging at {time.monotonic()}", file=sys.stderr, flush=True)
+    time.sleep(3600)
+"""
+WATCHDOG_BOUND = 60  # seconds past the watchdog's timeout within which the process must be gone (loaded machine)
+
+
+def hanging_run(tmp_path, patch: str, flags: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Train an experiment whose train_cluster.py installs `patch` (which calls hang() somewhere); returns the
+    finished process and the seconds from the hang's start to the process's exit (CLOCK_MONOTONIC is one clock for
+    every process of the machine)."""
+    exp = experiment_with(tmp_path, HANG + patch)
+    proc = launch_experiment(exp, ["--max_train_samples", "6", "--num_train_epochs", "1", "--report_to", "none",
+                                   *flags], timeout=600, OUTPUT_DIR=str(tmp_path / "o"))
+    exited = time.monotonic()
+    started = re.search(r"hanging at ([0-9.]+)", proc.stderr)
+    assert started, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc, exited - float(started.group(1))
+
+
 def test_hang_in_teardown_is_cut_by_the_watchdog_with_stacks(tmp_path, tiny_dir):
-    script = tmp_path / "hang.py"
-    script.write_text(
-        "import sys, time\n"
-        "import longctx.train as train\n"
-        "def stuck_teardown():  # a peer that never reaches the final barrier\n"
-        "    time.sleep(3600)\n"
-        "train.teardown = stuck_teardown\n"
-        "train.main(sys.argv[1:])\n")
-    timeout, log = 5, tmp_path / "stderr.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, str(script), "--config", str(CONFIG), "--output_dir",
-                                 str(tmp_path / "o"), "--max_train_samples", "4", "--num_train_epochs", "1",
-                                 "--save_steps", "100", "--eval_steps", "100", "--report_to", "none",
-                                 "--watchdog_timeout_seconds", str(timeout)],
-                                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err, env=subprocess_env())
-        armed = None
-        while proc.poll() is None:
-            if armed is None and "watchdog: final adapter save" in log.read_text():
-                armed = time.monotonic()
-            time.sleep(0.05)
-            assert armed is None or time.monotonic() - armed < timeout + 30, "still hanging past the watchdog"
-        exited = time.monotonic()
-    stderr = log.read_text()
+    proc, hung = hanging_run(tmp_path, "import longctx.train\nlongctx.train.teardown = hang\n",
+                             ["--save_steps", "100", "--eval_steps", "100", "--watchdog_timeout_seconds", "20"])
     assert proc.returncode != 0
-    assert armed is not None and exited - armed <= timeout + 30
-    assert "watchdog: final adapter save and teardown must finish within 5 s" in stderr
-    assert "Timeout (0:00:05)!" in stderr  # faulthandler's dump header
-    assert re.search(r'File ".*hang\.py", line 4 in stuck_teardown', stderr)  # the stuck frame is named
+    assert hung <= 20 + WATCHDOG_BOUND
+    assert ("watchdog: the end of the run (last eval and save, final adapter, teardown) must finish within 20 s "
+            "(watchdog_timeout_seconds), or every thread's stack is written to the log and the process exits\n"
+            in proc.stderr)
+    assert "Timeout (0:00:20)!" in proc.stderr  # faulthandler's dump header
+    assert re.search(r'File ".*train_cluster\.py", line 7 in hang', proc.stderr)  # the stuck frame is named
     assert (tmp_path / "o" / "final_adapter" / checkpoints.MANIFEST).is_file()  # the save itself had finished
+
+
+def test_hang_in_the_last_checkpoint_save_is_cut_by_the_end_of_run_watchdog(tmp_path, tiny_dir):
+    """The Trainer writes its last checkpoint inside train(), after the last step: the end-of-run guard is armed
+    by then. 6 records (2 dropped), accumulation 2: 2 optimizer steps; the save at step 2 hangs."""
+    patch = ("from longctx.callbacks import ManifestCallback\n"
+             "ManifestCallback.on_save = lambda self, args, state, control, **kw: hang() if state.global_step == 2 "
+             "else None\n")
+    proc, hung = hanging_run(tmp_path, patch, ["--save_steps", "1", "--eval_steps", "100",
+                                               "--watchdog_timeout_seconds", "20"])
+    assert proc.returncode != 0 and hung <= 20 + WATCHDOG_BOUND
+    assert "watchdog: the end of the run (last eval and save, final adapter, teardown) must finish within 20 s" \
+        in proc.stderr
+    assert "Timeout (0:00:20)!" in proc.stderr and "in <lambda>" in proc.stderr
+    assert not (tmp_path / "o" / "final_adapter").exists()
+
+
+def test_step_watchdog_guards_the_evaluation_of_its_step(tmp_path, tiny_dir):
+    """With step_timeout_seconds, a step's guard lasts through the eval and save the Trainer runs after it."""
+    patch = ("from longctx.trainer import LongContextTrainer\n"
+             "LongContextTrainer.evaluate = hang\n")
+    proc, hung = hanging_run(tmp_path, patch, ["--save_steps", "100", "--eval_steps", "1",
+                                               "--step_timeout_seconds", "20", "--watchdog_timeout_seconds", "3600"])
+    assert proc.returncode != 0 and hung <= 20 + WATCHDOG_BOUND
+    assert ("watchdog: each optimizer step, with its eval and save, must finish within 20 s (step_timeout_seconds)"
+            in proc.stderr)
+    assert proc.stderr.count("must finish within 20 s") == 1  # said once, not at every step
+    assert "Timeout (0:00:20)!" in proc.stderr and re.search(r'train_cluster\.py", line 7 in hang', proc.stderr)
+
+
+INF_GRADIENT = """
+import os
+
+import longctx.train
+
+real_apply_lora = longctx.train.apply_lora
+
+
+def apply_lora_with_an_inf_gradient(model, lora_args):
+    \"\"\"On one rank, the gradient of one LoRA weight becomes inf / NaN in one backward; the loss stays finite.\"\"\"
+    model = real_apply_lora(model, lora_args)
+    if os.environ.get("RANK", "0") == os.environ["FAULT_RANK"]:
+        weight = next(p for name, p in model.named_parameters() if "q_proj.lora_B" in name)
+        backwards = [0]
+
+        def poison(grad):
+            backwards[0] += 1
+            return grad * float("inf") if backwards[0] == int(os.environ["FAULT_BACKWARD"]) else grad
+
+        weight.register_hook(poison)
+    return model
+
+
+longctx.train.apply_lora = apply_lora_with_an_inf_gradient
+"""
+
+
+@pytest.mark.parametrize("processes", ["1", "2"], ids=["one-process", "two-processes-zero2"])
+def test_non_finite_gradient_norm_stops_every_rank_before_the_step(tmp_path, tiny_dir, processes):
+    """Accumulation 2: backward 5 belongs to optimizer step 3. With two processes (ZeRO-2) only rank 1's gradient
+    is poisoned: both ranks must stop, naming step 3; checkpoints 1 and 2 stay, hold finite weights, and no later
+    checkpoint or final adapter exists."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "o"
+    proc = launch_experiment(experiment_with(tmp_path, INF_GRADIENT),
+                             ["--max_train_samples", "16", "--num_train_epochs", "1", "--save_steps", "1",
+                              "--eval_steps", "100", "--report_to", "none"],
+                             OUTPUT_DIR=str(out), NUM_PROCESSES=processes, MASTER_PORT="29561",
+                             FAULT_RANK=str(int(processes) - 1), FAULT_BACKWARD="5")
+    assert proc.returncode != 0
+    message = "non-finite gradient norm at step 3"
+    assert proc.stderr.count(message) >= int(processes), proc.stderr[-3000:]  # every rank names it
+    if processes == "2":
+        assert "[rank0]" in proc.stderr and "[rank1]" in proc.stderr
+        assert "[rank0]: longctx.trainer.NonFiniteError: " + message in proc.stderr
+    saved = checkpoints.find_checkpoints(out, include_final=True)
+    assert [c.name for c in saved] == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "checkpoint-3").exists() and not (out / "final_adapter").exists()
+    for c in saved:
+        assert all(torch.isfinite(t).all() for t in load_file(c.path / checkpoints.ADAPTER_WEIGHTS).values())
 
 
 def test_final_adapter_manifest_and_altered_adapter_refused(tmp_path, tiny_dir):

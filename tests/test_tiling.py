@@ -1,5 +1,6 @@
-"""longctx.tiling: the tiled-MLP and activation-offload switches give the untiled, non-offloaded model's loss and
-LoRA gradients; their mapping onto transformers / DeepSpeed; and their validation."""
+"""longctx.tiling and longctx.offload: the tiled-MLP and activation-offload switches give the untiled,
+non-offloaded model's loss and LoRA gradients; their mapping onto transformers / DeepSpeed
+(longctx.modeling.apply_memory_switches); and their validation."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, TrainingArguments
 
 from longctx.config import ConfigError, LoraArguments, MemoryArguments, validate_memory
 from longctx.loss import summary_loss
-from longctx.modeling import apply_lora
-from longctx import tiling
-from longctx.tiling import (apply_memory_switches, disable_tiled_mlp, enable_tiled_mlp, offload_checkpointing_kwargs,
-                            tile_count)
+from longctx import offload, tiling
+from longctx.modeling import apply_lora, apply_memory_switches
+from longctx.offload import offload_checkpointing_kwargs
+from longctx.tiling import disable_tiled_mlp, enable_tiled_mlp, tile_count
 
 SEQ_LEN = 96
 TILE_TOKENS = 16  # 96 tokens x batch 2 -> 12 tiles: tiling is really exercised
@@ -190,17 +191,16 @@ def training_args(tmp_path, **kwargs) -> TrainingArguments:
 
 
 def test_apply_memory_switches_maps_offload_onto_transformers_kwargs_with_an_accelerator(tmp_path, monkeypatch):
-    monkeypatch.setattr(tiling, "has_accelerator", lambda: True)
+    monkeypatch.setattr(offload, "has_accelerator", lambda: True)
     args = training_args(tmp_path)
     lines = apply_memory_switches(tiny_lora_qwen3(), MemoryArguments(offload_activations=True), args)
     assert args.activation_checkpointing_kwargs == {"use_reentrant": False, "offload": True}
-    assert args.gradient_checkpointing_kwargs == args.activation_checkpointing_kwargs
     assert any(line.startswith("activation offload: on") for line in lines)
 
 
 def test_apply_memory_switches_leaves_offload_off_without_an_accelerator(tmp_path, monkeypatch):
     """save_on_cpu(pin_memory=True) cannot pin without an accelerator, and on a CPU there is nothing to move."""
-    monkeypatch.setattr(tiling, "has_accelerator", lambda: False)
+    monkeypatch.setattr(offload, "has_accelerator", lambda: False)
     args = training_args(tmp_path)
     model = tiny_lora_qwen3()
     lines = apply_memory_switches(model, MemoryArguments(tiled_mlp=True, tiled_mlp_tile_tokens=32,
