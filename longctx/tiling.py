@@ -1,6 +1,6 @@
 """The long-context memory switches, applied to a built model before the Trainer sees it.
 
-    tiled_mlp: true              # config.yaml (MemoryArguments); see `python -m longctx.memory` for what each saves
+    tiled_mlp: true              # config.yaml (MemoryArguments); see `python -m longctx.planner` for what each saves
     tiled_mlp_tile_tokens: 8192
     offload_activations: true
 
