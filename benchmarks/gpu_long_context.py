@@ -22,7 +22,7 @@ optimizer step, synchronised), tokens/s, and MFU = model FLOPs / (seconds x peak
   (2 x heads x head_dim x T^2 per layer) + backward (twice that); the LM head at the label positions only, also for
   the baseline (its logits elsewhere are waste, not useful work). Recomputation (checkpointing, TiledMLP's second
   MLP forward) is not counted. Peak: --peak-tflops, else 989 for H100 / H200 SXM, 312 for A100.
-The planner's estimate for the same setup (longctx.memory) is printed beside each run.
+The planner's estimate for the same setup (longctx.planner) is printed beside each run.
 """
 
 from __future__ import annotations
@@ -155,16 +155,17 @@ def run_child(args) -> dict:
 
 
 def planner_estimate(args, mode: str, seq_len: int) -> dict:
-    from longctx.memory import Architecture, Setup, estimate
+    from longctx.planner.architecture import Architecture
+    from longctx.planner.estimate import StepShape, estimate
 
     arch = SMOKE["arch"] if args.cpu_smoke else json.loads(Path(args.architecture).read_text())
     smoke = args.cpu_smoke
-    setup = Setup(arch=Architecture.from_config(arch, "benchmark"), tokens=seq_len,
-                  label_tokens=seq_len if mode == "baseline" else args.summary_tokens, act_bytes=4 if smoke else 2,
-                  weight_bytes=4 if smoke else 2, lora_r=args.lora_r, lora_dropout=0.05, checkpointing=True,
-                  offload="offload" in mode, tiled_mlp="tiled" in mode, tile_tokens=args.tile_tokens,
-                  attention="sdpa" if smoke else "flash_attention_2", device="cpu" if smoke else "cuda")
-    return {"planner_peak_gib": float(f"{estimate(setup).peak_bytes / GIB:.4g}")}
+    shape = StepShape(arch=Architecture.from_config(arch, "benchmark"), tokens=seq_len,
+                      label_tokens=seq_len if mode == "baseline" else args.summary_tokens, act_bytes=4 if smoke else 2,
+                      weight_bytes=4 if smoke else 2, lora_r=args.lora_r, lora_dropout=0.05, checkpointing=True,
+                      offload="offload" in mode, tiled_mlp="tiled" in mode, tile_tokens=args.tile_tokens,
+                      attention="sdpa" if smoke else "flash_attention_2", device="cpu" if smoke else "cuda")
+    return {"planner_peak_gib": float(f"{estimate(shape).peak_bytes / GIB:.4g}")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,14 +123,15 @@ def run_child(mode: str, seq_len: int, tile_tokens: int, seed: int) -> dict:
 
 
 def plan_for(mode: str, seq_len: int, tile_tokens: int):
-    from longctx.memory import Architecture, Setup, estimate
+    from longctx.planner.architecture import Architecture
+    from longctx.planner.estimate import StepShape, estimate
 
     arch = Architecture.from_config(ARCH, "benchmarks/memory_cpu.py")
-    setup = Setup(arch=arch, tokens=seq_len, label_tokens=seq_len if mode == "baseline" else SUMMARY_TOKENS,
-                  act_bytes=4, weight_bytes=4, lora_r=LORA["lora_r"], lora_dropout=LORA["lora_dropout"],
-                  checkpointing=True, offload=mode == "ours+offload", tiled_mlp=mode == "ours+tiled",
-                  tile_tokens=tile_tokens, attention="sdpa", device="cpu", optimizer=False)
-    return estimate(setup)
+    shape = StepShape(arch=arch, tokens=seq_len, label_tokens=seq_len if mode == "baseline" else SUMMARY_TOKENS,
+                      act_bytes=4, weight_bytes=4, lora_r=LORA["lora_r"], lora_dropout=LORA["lora_dropout"],
+                      checkpointing=True, offload=mode == "ours+offload", tiled_mlp=mode == "ours+tiled",
+                      tile_tokens=tile_tokens, attention="sdpa", device="cpu", optimizer=False)
+    return estimate(shape)
 
 
 def available_gib() -> float:

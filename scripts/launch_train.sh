@@ -38,9 +38,9 @@ PLAN_OVERRIDE="${PLAN_OVERRIDE:-0}"                       # 1: launch even when 
 cd "$REPO_ROOT"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-# Per-GPU memory plan (python -m longctx.memory): reads the config and the architecture, loads no weights and no
+# Per-GPU memory plan (python -m longctx.planner): reads the config and the architecture, loads no weights and no
 # CUDA. Planned for a GPU when the machine has one or the experiment requires one, else for the CPU (never blocks).
-plan() {
+run_planner() {
   local device=cpu extra=()
   if [[ "$GPUS_FOUND" -gt 0 || "$REQUIRE_GPU" == "1" ]]; then
     device=cuda
@@ -50,12 +50,12 @@ plan() {
     [[ "${mib:-0}" -ge 1024 ]] && extra+=(--gpu_memory_gib "$(awk -v m="$mib" 'BEGIN { printf "%.1f", m / 1024 }')")
     [[ "$USE_DEEPSPEED" != "0" ]] && extra+=(--deepspeed "$DS_CONFIG")
   fi
-  "${PYTHON:-python}" -m longctx.memory --config "$CONFIG" --experiment_dir "$EXP_DIR" --device "$device" \
+  "${PYTHON:-python}" -m longctx.planner --config "$CONFIG" --experiment_dir "$EXP_DIR" --device "$device" \
     --num_gpus "$(( NUM_PROCESSES * NUM_MACHINES ))" ${extra[@]+"${extra[@]}"} "$@"
 }
 if [[ "$PLAN" == "1" ]]; then
   status=0
-  plan "$@" || status=$?
+  run_planner "$@" || status=$?
   exit $(( status == 3 ? 0 : status ))  # 3 = does not fit: printed, which is all PLAN=1 asks for
 fi
 
@@ -106,7 +106,7 @@ fi
 
 if [[ "$PLAN" != "0" ]]; then
   status=0
-  plan "$@" || status=$?
+  run_planner "$@" || status=$?
   if [[ "$status" -eq 3 && "$PLAN_OVERRIDE" != "1" ]]; then
     echo "error: the memory plan above does not fit one GPU; use a switch or value it suggests," >&2
     echo "       or PLAN_OVERRIDE=1 to launch anyway (PLAN=0 skips the plan)." >&2
