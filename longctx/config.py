@@ -109,7 +109,8 @@ class LoraArguments:
 
 @dataclass
 class MemoryArguments:
-    """Long-context memory switches (longctx/tiling.py); `python -m longctx.memory --config ...` shows their effect."""
+    """Long-context memory switches (longctx/tiling.py, longctx/offload.py); `python -m longctx.planner --config ...`
+    shows their effect."""
 
     tiled_mlp: bool = field(
         default=False,
@@ -233,13 +234,17 @@ def parse_config(argv: list[str] | None = None, dataclass_types=DATACLASSES, tol
 
 @contextlib.contextmanager
 def _hardware_checks(on: bool):
-    """TrainingArguments refuses bf16 where this machine has no bf16 GPU; off, it is told the GPU is there."""
+    """TrainingArguments refuses bf16 where this machine has no bf16 GPU, and sets up this process's device (on a
+    GPU machine: a CUDA context on GPU 0). Off, it is told a bf16 GPU is there and sees none to set up, so checking
+    settings in a launcher or planner process neither fails on a laptop nor touches the GPUs training will use."""
     if on:
         yield
         return
+    import torch
     from transformers import training_args
 
-    with mock.patch.object(training_args, "is_torch_bf16_gpu_available", lambda *_args, **_kwargs: True):
+    with mock.patch.object(training_args, "is_torch_bf16_gpu_available", lambda *_args, **_kwargs: True), \
+            mock.patch.object(torch.cuda, "is_available", lambda: False):
         yield
 
 

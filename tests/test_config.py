@@ -260,3 +260,19 @@ def test_train_cluster_rejects_typo_key_before_loading_anything(tmp_path):
     # stopped before run_info.json, tokenization or weights
     assert not output_dir.exists()
     assert "Loading weights" not in result.stderr + result.stdout
+
+
+def test_checking_settings_for_the_target_machine_touches_no_gpu(monkeypatch):
+    """On a GPU machine TrainingArguments would set up CUDA while parsing; the launcher's and the planner's checks
+    (check_this_machine=False) must not: here a GPU is simulated whose set-up fails the test if it happens."""
+    import torch
+
+    def no_gpu_setup(*_args, **_kwargs):
+        raise AssertionError("the parse touched the GPU")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", no_gpu_setup)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    parsed, _, _ = parse_config(["--config", str(CONFIG_009)], check_this_machine=False)
+    training = by_class(parsed)[TrainingArguments]
+    assert training.bf16 is True and training.per_device_train_batch_size == 1
