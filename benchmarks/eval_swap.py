@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from longctx import checkpoints, tiny  # noqa: E402
 from longctx.config import DataArguments, GenerationArguments, ModelArguments, parse_config  # noqa: E402
-from longctx.evaluate import (AdapterSwapper, all_setting_names, build_prompts, generate,  # noqa: E402
-                              stop_token_ids)
+from longctx.eval.cli import all_setting_names  # noqa: E402
+from longctx.eval.generation import AdapterSwapper, build_prompts, generate, stop_token_ids  # noqa: E402
 from longctx.modeling import load_base_model, load_tokenizer  # noqa: E402
 
 

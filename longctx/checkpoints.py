@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,18 +106,26 @@ def global_step_of(path: Path) -> int | None:
     return None
 
 
-def find_checkpoints(run_dir: str | Path, include_final: bool = True, warn=print,
-                     require_manifest: bool = True) -> list[Checkpoint]:
-    """checkpoint-N directories in step order, then final_adapter; incomplete ones are skipped with a warning."""
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """The checkpoint-N directories of a run in step order, not checked for completeness."""
+    found = [p for p in Path(run_dir).iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def find_checkpoints(run_dir: str | Path, include_final: bool = True, warn=print, require_manifest: bool = True,
+                     known_complete: Collection[str] = frozenset()) -> list[Checkpoint]:
+    """checkpoint-N directories in step order, then final_adapter; incomplete ones are skipped with a warning.
+
+    Names in `known_complete` (e.g. checkpoints already scored) are listed without being verified again:
+    verification hashes the adapter files, and a rerun or a --follow poll should not pay for that each time."""
     run_dir = Path(run_dir)
-    candidates = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
-    candidates.sort(key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+    candidates = checkpoint_dirs(run_dir)
     final = run_dir / FINAL_ADAPTER
     if include_final and final.is_dir():
         candidates.append(final)
     found = []
     for path in candidates:
-        problem = adapter_problem(path, require_manifest)
+        problem = None if path.name in known_complete else adapter_problem(path, require_manifest)
         if problem:
             warn(f"skipping {path}: {problem}")
             continue

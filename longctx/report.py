@@ -6,7 +6,9 @@ Writes into the run directory:
   eval_summary.md     table by step (ROUGE with 95% bootstrap intervals, eval loss, empty predictions), the best
                       checkpoint by ROUGE-Lsum and by eval loss, the generation settings
   rouge_by_step.png   ROUGE-1/2/L/Lsum against global step, interval bands, best ROUGE-Lsum starred
+  rouge_by_step.csv   the plotted points: step, checkpoint, each metric with its interval (_low, _high)
   loss_curve.png      train and eval loss from trainer_state.json, checkpoint steps and the best one marked
+  loss_curve.csv      the plotted points: step, train_loss, eval_loss (empty where not logged at that step)
   best_checkpoint     symbolic link (relative) to the best checkpoint by ROUGE-Lsum
 
 Everything here reads results rows and trainer_state.json; nothing loads a model.
@@ -14,23 +16,30 @@ Everything here reads results rows and trainer_state.json; nothing loads a model
 
 from __future__ import annotations
 
-import json
+import csv
+import io
 import os
+import sys
 from pathlib import Path
 
 from . import checkpoints
+from .eval.results import RESULTS_FILE, read_results, select_rows
+from .files import atomic_path, write_atomic
 from .metrics import ROUGE_TYPES
 
 SUMMARY_FILE = "eval_summary.md"
 ROUGE_PLOT = "rouge_by_step.png"
 LOSS_PLOT = "loss_curve.png"
+ROUGE_CSV = "rouge_by_step.csv"
+LOSS_CSV = "loss_curve.csv"
 BEST_LINK = "best_checkpoint"
 LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 
 
 def by_step(rows: list[dict]) -> list[dict]:
     """Rows in step order; at equal steps checkpoint-N before final_adapter (they hold the same weights)."""
-    return sorted(rows, key=lambda r: (r["global_step"], r["checkpoint"] == "final_adapter", r["checkpoint"]))
+    return sorted(rows, key=lambda r: (r["global_step"], r["checkpoint"] == checkpoints.FINAL_ADAPTER,
+                                       r["checkpoint"]))
 
 
 def best_row(rows: list[dict], metric: str = "rougeLsum") -> dict | None:
@@ -41,13 +50,9 @@ def best_row(rows: list[dict], metric: str = "rougeLsum") -> dict | None:
 
 def latest_trainer_state(run_dir: str | Path) -> dict:
     """trainer_state.json of the latest checkpoint: its log_history holds every loss logged up to it."""
-    run_dir = Path(run_dir)
-    steps = []
-    for path in run_dir.glob("checkpoint-*"):
-        match = checkpoints.CHECKPOINT_RE.match(path.name)
-        if match and (path / checkpoints.TRAINER_STATE).is_file():
-            steps.append((int(match.group(1)), path))
-    for _, path in sorted(steps, reverse=True):
+    for path in reversed(checkpoints.checkpoint_dirs(run_dir)):
+        if not (path / checkpoints.TRAINER_STATE).is_file():
+            continue
         try:
             return checkpoints.read_trainer_state(path)
         except (OSError, ValueError):  # being written, or damaged: fall back to the one before
@@ -123,31 +128,51 @@ def _pyplot():
     return plt
 
 
-def _plotted(rows: list[dict]) -> list[dict]:
-    """One point per step: final_adapter only where no checkpoint-N has its step."""
-    seen, out = set(), []
+def rouge_points(rows: list[dict]) -> list[dict]:
+    """What rouge_by_step.png plots, one point per step (final_adapter only where no checkpoint-N has its step):
+    step, checkpoint, each metric and its interval (None where the row has none)."""
+    points, seen = [], set()
     for r in by_step(rows):
-        if r["global_step"] not in seen:
-            seen.add(r["global_step"])
-            out.append(r)
-    return out
+        if r["global_step"] in seen:
+            continue
+        seen.add(r["global_step"])
+        point = {"step": r["global_step"], "checkpoint": r["checkpoint"]}
+        for metric in ROUGE_TYPES:
+            point.update({metric: r[metric], f"{metric}_low": r.get(f"{metric}_low"),
+                          f"{metric}_high": r.get(f"{metric}_high")})
+        points.append(point)
+    return points
 
 
-def plot_rouge(rows: list[dict], path: str | Path) -> Path:
+def loss_points(trainer_state: dict) -> list[dict]:
+    """What loss_curve.png plots, by step: train_loss and eval_loss (None where not logged at that step)."""
+    train, evals = dict(train_losses(trainer_state)), eval_losses(trainer_state)
+    return [{"step": step, "train_loss": train.get(step), "eval_loss": evals.get(step)}
+            for step in sorted(set(train) | set(evals))]
+
+
+def write_csv(path: str | Path, points: list[dict]) -> Path:
+    """The plotted points beside the plot, so the numbers behind a picture can be read or replotted; an absent
+    value is an empty cell."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(points[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(points)
+    return write_atomic(path, text.getvalue())
+
+
+def plot_rouge(points: list[dict], best: dict | None, num_examples: int, path: str | Path) -> Path:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
-    points = _plotted(rows)
-    steps = [r["global_step"] for r in points]
+    steps = [p["step"] for p in points]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for metric in ROUGE_TYPES:
-        values = [r[metric] for r in points]
-        (line,) = ax.plot(steps, values, marker="o", markersize=4, label=LABELS[metric])
-        if all(r.get(f"{metric}_low") is not None for r in points):
-            ax.fill_between(steps, [r[f"{metric}_low"] for r in points], [r[f"{metric}_high"] for r in points],
+        (line,) = ax.plot(steps, [p[metric] for p in points], marker="o", markersize=4, label=LABELS[metric])
+        if all(p[f"{metric}_low"] is not None for p in points):
+            ax.fill_between(steps, [p[f"{metric}_low"] for p in points], [p[f"{metric}_high"] for p in points],
                             color=line.get_color(), alpha=0.15, linewidth=0)
-    best = best_row(rows)
     if best:
         ax.plot([best["global_step"]], [best["rougeLsum"]], marker="*", markersize=16, color="black",
                 linestyle="none", label=f"best ROUGE-Lsum: {best['checkpoint']}")
@@ -156,8 +181,7 @@ def plot_rouge(rows: list[dict], path: str | Path) -> Path:
     ax.set_ylabel("F-measure")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    n = points[0]["num_examples"] if points else 0
-    ax.set_title(f"ROUGE by checkpoint ({n} validation examples; bands: 95% bootstrap interval)")
+    ax.set_title(f"ROUGE by checkpoint ({num_examples} validation examples; bands: 95% bootstrap interval)")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
@@ -165,21 +189,19 @@ def plot_rouge(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def plot_loss(trainer_state: dict, path: str | Path, checkpoint_steps: list[int] = (),
-              best_step: int | None = None) -> Path | None:
-    """Train and eval loss against global step; None (nothing written) when no loss was logged."""
-    train, evals = train_losses(trainer_state), sorted(eval_losses(trainer_state).items())
-    if not train and not evals:
-        return None
+def plot_loss(points: list[dict], path: str | Path, checkpoint_steps: list[int] = (),
+              best_step: int | None = None) -> Path:
+    """Train and eval loss against global step (`points`: loss_points)."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    if train:
-        ax.plot(*zip(*train), marker=".", markersize=4, label="train loss", linewidth=1.2)
-    if evals:
-        ax.plot(*zip(*evals), marker="o", markersize=5, label="eval loss", linewidth=1.5)
+    for key, style in (("train_loss", dict(marker=".", markersize=4, label="train loss", linewidth=1.2)),
+                       ("eval_loss", dict(marker="o", markersize=5, label="eval loss", linewidth=1.5))):
+        logged = [(p["step"], p[key]) for p in points if p[key] is not None]
+        if logged:
+            ax.plot(*zip(*logged), **style)
     for step in sorted(set(checkpoint_steps)):
         ax.axvline(step, color="grey", alpha=0.25, linewidth=0.8)
     if best_step is not None:
@@ -197,10 +219,8 @@ def plot_loss(trainer_state: dict, path: str | Path, checkpoint_steps: list[int]
 
 
 def _save(fig, path: Path) -> None:
-    """Write beside, then rename: a reader never sees half a PNG."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, format="png")
 
 
 def link_best(run_dir: str | Path, row: dict | None) -> Path | None:
@@ -217,58 +237,62 @@ def link_best(run_dir: str | Path, row: dict | None) -> Path | None:
     rel = os.path.relpath(target.resolve(), run_dir.resolve())
     if rel.startswith(".."):  # outside the run: absolute
         rel = str(target.resolve())
-    tmp = run_dir / f".{BEST_LINK}.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(rel, tmp)
-    os.replace(tmp, link)  # atomic: the link always points somewhere valid
+    with atomic_path(link, durable=False) as tmp:  # renamed over the old link: it always points somewhere valid
+        tmp.unlink(missing_ok=True)  # left by a run killed here
+        os.symlink(rel, tmp)
     return link
 
 
 def write_report(run_dir: str | Path, rows: list[dict]) -> dict[str, Path]:
-    """eval_summary.md, rouge_by_step.png, loss_curve.png and the best_checkpoint link for these rows."""
+    """eval_summary.md, the two plots with their data as CSV, and the best_checkpoint link for these rows."""
     run_dir = Path(run_dir)
     state = latest_trainer_state(run_dir)
     best = best_row(rows)
-    summary = run_dir / SUMMARY_FILE
-    tmp = summary.with_name(f".{SUMMARY_FILE}.tmp")
-    tmp.write_text(summary_markdown(rows, state, run_dir), encoding="utf-8")
-    os.replace(tmp, summary)
-    out = {"summary": summary}
+    out = {"summary": write_atomic(run_dir / SUMMARY_FILE, summary_markdown(rows, state, run_dir))}
     if rows:
-        out["rouge_plot"] = plot_rouge(rows, run_dir / ROUGE_PLOT)
-    loss = plot_loss(state, run_dir / LOSS_PLOT, [r["global_step"] for r in rows],
-                     best["global_step"] if best else None)
-    if loss:
-        out["loss_plot"] = loss
+        points = rouge_points(rows)
+        out["rouge_plot"] = plot_rouge(points, best, by_step(rows)[0]["num_examples"], run_dir / ROUGE_PLOT)
+        out["rouge_data"] = write_csv(run_dir / ROUGE_CSV, points)
+    losses = loss_points(state)
+    if losses:  # nothing logged (no trainer_state.json): no loss plot
+        out["loss_plot"] = plot_loss(losses, run_dir / LOSS_PLOT, [r["global_step"] for r in rows],
+                                     best["global_step"] if best else None)
+        out["loss_data"] = write_csv(run_dir / LOSS_CSV, losses)
     link = link_best(run_dir, best)
     if link:
         out["best_link"] = link
     return out
 
 
-def select_rows(rows: list[dict], fingerprint: str | None) -> list[dict]:
-    """The rows scored with one set of evaluation settings (`eval_fingerprint`), the last one per checkpoint."""
-    latest: dict[str, dict] = {}
-    for row in rows:
-        if row.get("eval_fingerprint") == fingerprint:
-            latest[row["checkpoint"]] = row
-    return list(latest.values())
+def format_table(rows: list[dict]) -> str:
+    """Results by step as printed at the end of an evaluation, the best ROUGE-Lsum marked with '*'."""
+    if not rows:
+        return "no results"
+    rows = by_step(rows)
+    best = best_row(rows)
+    lines = [f"{'checkpoint':<24}{'step':>8}" + "".join(f"{m:>11}" for m in ROUGE_TYPES)
+             + f"{'Lsum 95% CI':>18}{'empty':>7}{'n':>6}"]
+    for r in rows:
+        ci = f"[{r['rougeLsum_low']:.3f}, {r['rougeLsum_high']:.3f}]" if "rougeLsum_low" in r else ""
+        lines.append(f"{r['checkpoint']:<24}{r['global_step']:>8}" + "".join(f"{r[m]:>11.4f}" for m in ROUGE_TYPES)
+                     + f"{ci:>18}{r.get('num_empty', ''):>7}{r['num_examples']:>6}" + (" *" if r is best else ""))
+    lines.append(f"* best by rougeLsum: {best['checkpoint']} (step {best['global_step']})")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(description="Redraw the evaluation report of a run from eval_results.jsonl "
                                                  "(the settings of its newest row).")
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
-    results = Path(args.run_dir) / "eval_results.jsonl"
-    if not results.is_file():
-        print(f"error: {results}: not found; score the run first (eval_all_checkpoints.sh).", file=sys.stderr)
+    results = Path(args.run_dir) / RESULTS_FILE
+    rows = read_results(results, warn=lambda message: print(message, file=sys.stderr))
+    if not rows:
+        found = "holds no results row" if results.is_file() else "not found"
+        print(f"error: {results}: {found}; score the run first (eval_all_checkpoints.sh).", file=sys.stderr)
         sys.exit(2)
-    rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
     for name, path in write_report(args.run_dir, select_rows(rows, rows[-1].get("eval_fingerprint"))).items():
         print(f"{name}: {path}")
 

@@ -6,7 +6,8 @@
 # Scores every complete checkpoint of OUTPUT_DIR in step order, then final_adapter, with ROUGE (base model loaded once,
 # adapters swapped). Checkpoints already scored with the same validation data and generation settings are skipped,
 # so rerunning after a crash finishes the rest. One row per checkpoint goes to OUTPUT_DIR/eval_results.jsonl; then
-# OUTPUT_DIR/eval_summary.md, rouge_by_step.png, loss_curve.png and the best_checkpoint link are written.
+# OUTPUT_DIR/eval_summary.md, rouge_by_step.png + .csv, loss_curve.png + .csv (the plotted data) and the best_checkpoint
+# link are written.
 # NUM_PROCESSES > 1 splits the validation set over processes (one per GPU; on CPU, tests only).
 set -euo pipefail
 

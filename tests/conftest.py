@@ -60,3 +60,32 @@ def subprocess_env(**extra: str) -> dict[str, str]:
                 "WANDB_MODE": "offline", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
     env.update(extra)
     return env
+
+
+# ==== evaluation (tests/test_eval_*.py): one real training run per session ==========================================
+# Training is the expensive part, so it runs once for every evaluation test; each test works on its own copy
+# (eval_support.copy_run). Helpers live in tests/eval_support.py.
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_dir) -> Path:
+    """A real training run (W&B offline, so it leaves wandb_run.json) with checkpoint-2, -4, -5 + final_adapter."""
+    from eval_support import NAMES, QUICK_TRAINING, TRAIN, run
+
+    out = tmp_path_factory.mktemp("trained")
+    proc = run(["bash", TRAIN, *QUICK_TRAINING], timeout=600, OUTPUT_DIR=str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if (p / "adapter_config.json").is_file()) == NAMES
+    assert (out / "wandb_run.json").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def scored_run(trained_run, tmp_path_factory):
+    """(a copy of the run scored once by eval_all_checkpoints.sh with SCORE_FLAGS in one process, its output)."""
+    from eval_support import EVAL, SCORE_FLAGS, copy_run, run
+
+    out = copy_run(trained_run, tmp_path_factory.mktemp("scored") / "run")
+    proc = run(["bash", EVAL, *SCORE_FLAGS], OUTPUT_DIR=str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+# ==== end of evaluation fixtures =====================================================================================

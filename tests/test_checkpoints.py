@@ -94,6 +94,16 @@ def test_find_checkpoints_warns_about_incomplete_ones(run_dir):
     assert f"{MANIFEST} is missing" in about("checkpoint-8")
 
 
+def test_find_checkpoints_lists_known_complete_names_without_verifying_them(run_dir):
+    warnings = []
+    found = find_checkpoints(run_dir, warn=warnings.append, known_complete={"checkpoint-5", "checkpoint-8"})
+    # checkpoint-5 (weights gone) and checkpoint-8 (no manifest) are listed as told; checkpoint-7 is still verified.
+    assert [c.name for c in found] == ["checkpoint-2", "checkpoint-5", "checkpoint-8", "checkpoint-9", "checkpoint-10",
+                                       "checkpoint-100", "final_adapter"]
+    assert [c.global_step for c in found][1:3] == [5, 8]
+    assert len(warnings) == 1 and f"{run_dir / 'checkpoint-7'}:" in warnings[0]
+
+
 def test_find_checkpoints_without_final(run_dir):
     found = find_checkpoints(run_dir, include_final=False, warn=lambda message: None)
     assert [c.name for c in found] == ["checkpoint-2", "checkpoint-9", "checkpoint-10", "checkpoint-100"]

@@ -1,10 +1,12 @@
-"""longctx.report: summary table, best checkpoint by ROUGE-Lsum and by eval loss, the two plots, the best link.
+"""longctx.report: summary table, best checkpoint by ROUGE-Lsum and by eval loss, the two plots and their data as
+CSV, the printed table, the best link, the command line.
 
 Hand-made rows and trainer_state.json: no model, no training.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -107,17 +109,71 @@ def test_rows_without_intervals_still_plot_and_tabulate(tmp_path):
 
 
 def test_final_adapter_at_a_checkpoint_step_is_plotted_once():
-    plotted = [r["checkpoint"] for r in report._plotted(ROWS)]
+    plotted = [p["checkpoint"] for p in report.rouge_points(ROWS)]
     assert plotted == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
     alone = [row("checkpoint-100", 100, 0.3), row("final_adapter", 150, 0.4)]
-    assert [r["checkpoint"] for r in report._plotted(alone)] == ["checkpoint-100", "final_adapter"]
+    assert [p["checkpoint"] for p in report.rouge_points(alone)] == ["checkpoint-100", "final_adapter"]
 
 
-def test_select_rows_keeps_one_settings_latest_row_per_checkpoint():
-    rows = [row("checkpoint-1", 1, 0.1, fp="a"), row("checkpoint-1", 1, 0.2, fp="b"),
-            row("checkpoint-1", 1, 0.3, fp="a"), row("checkpoint-2", 2, 0.4, fp="a")]
-    chosen = report.select_rows(rows, "a")
-    assert [(r["checkpoint"], r["rougeLsum"]) for r in chosen] == [("checkpoint-1", 0.3), ("checkpoint-2", 0.4)]
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_each_plot_has_its_plotted_data_beside_it_as_csv(run_dir, monkeypatch):
+    drawn = {}  # file name -> {line label: (x, y)} as matplotlib holds them when the figure is saved
+    real_save = report._save
+
+    def save_and_keep_lines(fig, path):
+        drawn[path.name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                            for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")}
+        real_save(fig, path)
+
+    monkeypatch.setattr(report, "_save", save_and_keep_lines)
+    paths = report.write_report(run_dir, ROWS)
+    assert paths["rouge_data"] == run_dir / "rouge_by_step.csv" and paths["loss_data"] == run_dir / "loss_curve.csv"
+
+    # By hand from row(): rouge1 = Lsum + 0.05, rouge2 = Lsum, rougeL = Lsum - 0.05; each interval is [-0.04, +0.03]
+    # around its value. final_adapter shares step 300 with checkpoint-300 and is not a point of its own.
+    rouge = read_csv(run_dir / "rouge_by_step.csv")
+    assert list(rouge[0]) == ["step", "checkpoint", "rouge1", "rouge1_low", "rouge1_high", "rouge2", "rouge2_low",
+                              "rouge2_high", "rougeL", "rougeL_low", "rougeL_high", "rougeLsum", "rougeLsum_low",
+                              "rougeLsum_high"]
+    assert [(r["step"], r["checkpoint"]) for r in rouge] == [("100", "checkpoint-100"), ("200", "checkpoint-200"),
+                                                             ("300", "checkpoint-300")]
+    expected = {"checkpoint-100": [0.35, 0.31, 0.38, 0.30, 0.26, 0.33, 0.25, 0.21, 0.28, 0.30, 0.26, 0.33],
+                "checkpoint-200": [0.57, 0.53, 0.60, 0.52, 0.48, 0.55, 0.47, 0.43, 0.50, 0.52, 0.48, 0.55],
+                "checkpoint-300": [0.52, 0.48, 0.55, 0.47, 0.43, 0.50, 0.42, 0.38, 0.45, 0.47, 0.43, 0.50]}
+    for r in rouge:
+        assert [float(r[k]) for k in list(r)[2:]] == pytest.approx(expected[r["checkpoint"]], abs=1e-12)
+    lines = drawn["rouge_by_step.png"]
+    for label, metric in report.LABELS.items():
+        assert lines[metric] == ([100, 200, 300], [float(r[label]) for r in rouge])  # the figure plots the CSV
+    assert lines["best ROUGE-Lsum: checkpoint-200"] == ([200], [0.52])
+
+    # By hand from STATE (checkpoint-300's, the latest): train loss at 10, 100, 200, 300; eval loss from 100 on.
+    loss = read_csv(run_dir / "loss_curve.csv")
+    assert [tuple(r.values()) for r in loss] == [("10", "3.1", ""), ("100", "2.2", "2.4"), ("200", "1.7", "2.0"),
+                                                 ("300", "1.2", "1.9")]
+    lines = drawn["loss_curve.png"]
+    assert lines["train loss"] == ([10, 100, 200, 300], [3.1, 2.2, 1.7, 1.2])
+    assert lines["eval loss"] == ([100, 200, 300], [2.4, 2.0, 1.9])
+    assert lines["best ROUGE-Lsum (step 200)"][0] == [200, 200]  # the dashed line at the best step
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_printed_table_is_by_step_with_the_best_marked():
+    table = report.format_table(list(reversed(ROWS))).splitlines()
+    assert table[0].split() == ["checkpoint", "step", "rouge1", "rouge2", "rougeL", "rougeLsum", "Lsum", "95%", "CI",
+                                "empty", "n"]
+    # checkpoint-200: rouge1 0.52 + 0.05, rouge2 0.52, rougeL 0.52 - 0.05, Lsum 0.52 in [0.48, 0.55]; 0 empty of 12
+    assert table[2].split() == ["checkpoint-200", "200", "0.5700", "0.5200", "0.4700", "0.5200", "[0.480,", "0.550]",
+                                "0", "12", "*"]
+    assert [line.split()[0] for line in table[1:5]] == ["checkpoint-100", "checkpoint-200", "checkpoint-300",
+                                                        "final_adapter"]
+    assert sum(line.endswith(" *") for line in table) == 1
+    assert table[-1] == "* best by rougeLsum: checkpoint-200 (step 200)"
+    assert report.format_table([]) == "no results"
 
 
 def test_command_line_redraws_from_eval_results(run_dir, capsys):
@@ -128,4 +184,19 @@ def test_command_line_redraws_from_eval_results(run_dir, capsys):
     with pytest.raises(SystemExit) as exit_:
         report.main([str(run_dir / "nowhere")])
     assert exit_.value.code == 2
-    assert "score the run first" in capsys.readouterr().err
+    assert f"error: {run_dir / 'nowhere' / 'eval_results.jsonl'}: not found; score the run first " \
+           "(eval_all_checkpoints.sh)." in capsys.readouterr().err
+
+
+def test_command_line_reports_a_line_that_is_not_a_row_and_refuses_an_empty_file(run_dir, capsys):
+    results = run_dir / "eval_results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]) + '{"checkp\n')
+    report.main([str(run_dir)])
+    captured = capsys.readouterr()
+    assert f"{results}: line 3 is not a results row" in captured.err
+    assert (run_dir / "best_checkpoint").readlink() == Path("checkpoint-200")
+    results.write_text("\n")
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(run_dir)])
+    assert exit_.value.code == 2
+    assert f"error: {results}: holds no results row; score the run first" in capsys.readouterr().err

@@ -1,0 +1,311 @@
+"""The evaluation command line: settings -> an EvalJob -> what to score -> the scoring loop -> the report.
+
+    python experiments/009_text_summary/eval_checkpoint.py --config runs/009_text_summary/run_config.yaml \\
+        --run_dir runs/009_text_summary --all_checkpoints [--follow] [--force] [--preflight]
+
+Every check that needs no weights (settings, the validation file, the checkpoint given) runs in `parse_job`, before
+any process group or model. In the loop rank 0 alone decides what to score, writes and reports; every step where
+the other ranks wait for it, or for each other, goes through `ranks`, so a failure anywhere stops every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .. import checkpoints, report
+from ..checkpoints import FINAL_ADAPTER, Checkpoint
+from ..config import (DATACLASSES, ConfigError, DataArguments, GenerationArguments, LoraArguments, ModelArguments,
+                      parse_config, validate_data, validate_generation)
+from ..data import DataError, check_records
+from ..distributed import print0, teardown
+from ..metrics import ROUGE_TYPES, rouge_with_intervals
+from . import ranks, results
+from .generation import Evaluator
+from .wandb_log import WandbLogger
+
+NOTHING_TO_SCORE = 3  # --preflight exit status: every checkpoint is already scored (the report was refreshed)
+
+
+@dataclass
+class EvalArguments:
+    run_dir: str | None = field(
+        default=None, metadata={"help": "Training output directory to score (default: output_dir of the config)."}
+    )
+    checkpoint: str | None = field(default=None, metadata={"help": "One adapter directory to score."})
+    report_to: list[str] = field(
+        default_factory=list, metadata={"help": "As in training: 'wandb' logs ROUGE per checkpoint to W&B, into the "
+                                                "training run when RUN_DIR/wandb_run.json names it."}
+    )
+    run_name: str | None = field(default=None, metadata={"help": "As in training: names the W&B run group."})
+    all_checkpoints: bool = field(
+        default=False, metadata={"help": "Score every complete checkpoint-N of run_dir in step order, then "
+                                         "final_adapter."}
+    )
+    force: bool = field(
+        default=False, metadata={"help": "Score again checkpoints that eval_results.jsonl already holds with the same "
+                                         "validation data and generation settings (their rows are replaced)."}
+    )
+    follow: bool = field(
+        default=False, metadata={"help": "Keep polling run_dir and score each new checkpoint as training saves it; "
+                                         "stop once final_adapter is scored."}
+    )
+    follow_poll_seconds: float = field(
+        default=60.0, metadata={"help": "With --follow: seconds between looks at run_dir."}
+    )
+    follow_timeout_seconds: float | None = field(
+        default=None, metadata={"help": "With --follow: give up (exit 1) after this many seconds without a new "
+                                        "checkpoint, e.g. when training died. Unset: wait for final_adapter."}
+    )
+    preflight: bool = field(
+        default=False, metadata={"help": "Check the settings and list what needs scoring, loading no model: exit 0 "
+                                         "when there is work, 3 when every checkpoint is already scored (report "
+                                         "refreshed), 2 on a bad setting. The launcher runs it before starting "
+                                         "several processes."}
+    )
+
+
+@dataclass
+class EvalJob:
+    """One evaluation invocation, checked: what to score, where, with which settings."""
+
+    model_args: ModelArguments
+    data: DataArguments
+    gen: GenerationArguments
+    ev: EvalArguments
+    run_dir: Path
+    single: Checkpoint | None  # --checkpoint
+    settings: dict  # results.eval_settings
+    fingerprint: str
+
+    @property
+    def results_path(self) -> Path:
+        return self.run_dir / results.RESULTS_FILE
+
+
+def all_setting_names() -> set[str]:
+    """Every training setting: run_config.yaml holds them all, and evaluation accepts (and ignores) the others."""
+    return {f.name for cls in DATACLASSES for f in dataclasses.fields(cls)}
+
+
+def _check_positive(ev: EvalArguments) -> None:
+    if ev.follow_poll_seconds <= 0:
+        raise ConfigError(f"setting 'follow_poll_seconds' = {ev.follow_poll_seconds!r}: use a positive number.")
+    if ev.follow_timeout_seconds is not None and ev.follow_timeout_seconds <= 0:
+        raise ConfigError(f"setting 'follow_timeout_seconds' = {ev.follow_timeout_seconds!r}: use a positive "
+                          f"number, or leave it unset to wait for {FINAL_ADAPTER}.")
+
+
+def parse_job(argv: list[str] | None) -> EvalJob:
+    """Settings + data checks, no weights. Raises ConfigError / DataError."""
+    (model_args, data, _lora, gen, ev), _config_path, extra = parse_config(
+        argv, (ModelArguments, DataArguments, LoraArguments, GenerationArguments, EvalArguments),
+        tolerated_keys=all_setting_names())
+    validate_data(data, need_train=False)
+    check_records(data.validation_file, data)
+    validate_generation(gen)
+    _check_positive(ev)
+    single = None
+    if ev.checkpoint:
+        if ev.follow:
+            raise ConfigError("settings 'checkpoint' and 'follow' exclude each other: --follow watches a whole run "
+                              "(--run_dir); drop one of them.")
+        path = Path(ev.checkpoint)
+        problem = checkpoints.adapter_problem(path, require_manifest=False)  # also adapters saved elsewhere
+        if problem:
+            raise ConfigError(f"setting 'checkpoint' = {str(path)!r}: {problem}")
+        single = Checkpoint(path, checkpoints.global_step_of(path) or 0)
+        run_dir = Path(ev.run_dir) if ev.run_dir else path.resolve().parent
+    elif ev.all_checkpoints or ev.follow:
+        run_dir = Path(ev.run_dir or extra.get("output_dir") or "")
+        if not run_dir.is_dir():
+            raise ConfigError(f"setting 'run_dir' = {str(run_dir)!r}: no such directory; set OUTPUT_DIR (or "
+                              f"--run_dir) to the training run's output directory.")
+    else:
+        raise ConfigError("setting 'checkpoint' is unset: pass --checkpoint DIR, or --all_checkpoints.")
+    settings = results.eval_settings(model_args, data, gen)
+    return EvalJob(model_args, data, gen, ev, run_dir, single, settings, results.fingerprint(settings))
+
+
+class WarnOnce:
+    """Prints each distinct warning once (rank 0): a --follow poll looks at the same incomplete checkpoint every
+    few seconds until its save finishes."""
+
+    def __init__(self, follow: bool):
+        self.suffix = " (looked at again at the next poll)" if follow else ""
+        self.seen: set[str] = set()
+
+    def __call__(self, message: str) -> None:
+        if message not in self.seen:
+            self.seen.add(message)
+            print0(message + self.suffix)
+
+
+def pending_checkpoints(job: EvalJob, done: set[str], warn: WarnOnce) -> tuple[list[Checkpoint], bool]:
+    """(checkpoints to score now, whether final_adapter is among those found). Rank 0 only. `done`: the names this
+    invocation has scored or found scored; those found scored now are added to it.
+
+    Raises ConfigError when, without --follow, the run holds no complete checkpoint at all."""
+    already = results.scored_names(results.read_results(job.results_path, warn), job.fingerprint)
+    if job.single:
+        found = [job.single]
+    else:  # checkpoints already scored (or scored by this invocation) are not verified again
+        found = checkpoints.find_checkpoints(job.run_dir, warn=warn,
+                                             known_complete=done if job.ev.force else already | done)
+    if not found and not job.ev.follow:
+        raise ConfigError(f"setting 'run_dir' = {str(job.run_dir)!r}: holds no complete checkpoint yet; wait "
+                          f"for training to save one, or add --follow to score them as they appear.")
+    todo, skipped = [], []
+    for ckpt in found:
+        if ckpt.name in done:
+            continue
+        if ckpt.name in already and not job.ev.force:
+            skipped.append(ckpt.name)
+            done.add(ckpt.name)
+        else:
+            todo.append(ckpt)
+    if skipped:
+        print0(f"already scored with these settings (eval_fingerprint {job.fingerprint}), skipped: "
+               f"{', '.join(skipped)}; --force scores them again")
+    return todo, any(c.name == FINAL_ADAPTER for c in found)
+
+
+def results_row(job: EvalJob, ckpt: Checkpoint, evaluator: Evaluator, predictions: list[str], seconds: float,
+                num_processes: int) -> dict:
+    scores = rouge_with_intervals(predictions, [p.reference for p in evaluator.prompts])
+    return {
+        "checkpoint": ckpt.name, "global_step": ckpt.global_step, **scores,
+        "num_examples": len(evaluator.prompts), "num_dropped_for_length": evaluator.dropped,
+        "num_empty": sum(not p for p in predictions),
+        "validation_file": job.data.validation_file, "validation_sha256": job.settings["validation_sha256"],
+        "generation": evaluator.generation, "eval_fingerprint": job.fingerprint,
+        "checkpoint_path": str(ckpt.path.resolve()), "num_processes": num_processes,
+        "seconds": round(seconds, 2), "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def finish_report(job: EvalJob) -> list[dict]:
+    """Summary, plots and best_checkpoint link for the rows of the current settings; prints the table."""
+    every_row = results.read_results(job.results_path, print0)
+    rows = results.select_rows(every_row, job.fingerprint)
+    if not rows:
+        print0("no results with these settings yet")
+        return rows
+    paths = report.write_report(job.run_dir, rows)
+    print0(report.format_table(rows))
+    others = len(every_row) - len(rows)
+    if others:
+        print0(f"({others} row(s) of {job.results_path.name} scored with other settings are not shown)")
+    print0(f"results: {job.results_path}")
+    for name, path in paths.items():
+        print0(f"{name}: {path}")
+    return rows
+
+
+class Scoring:
+    """The scoring loop of one process. Rank 0 alone decides what to score, writes rows and reports; every rank
+    generates its share of each checkpoint's predictions."""
+
+    def __init__(self, job: EvalJob, state):
+        self.job, self.state = job, state
+        self.evaluator = Evaluator(job.model_args, job.data, job.gen, state)
+        self.warn = WarnOnce(job.ev.follow)
+        self.logger: WandbLogger | None = None
+        self.done: set[str] = set()
+        self.last_new = time.monotonic()
+
+    def next_round(self) -> tuple[list[Checkpoint], bool, int]:
+        """Rank 0: (checkpoints to score now, whether to stop after them, exit status)."""
+        ev = self.job.ev
+        todo, final_found = pending_checkpoints(self.job, self.done, self.warn)
+        stop, status = not ev.follow or final_found, 0
+        if todo:
+            self.last_new = time.monotonic()
+            print0(f"scoring {len(todo)} checkpoint(s) of {self.job.run_dir} on {self.job.data.validation_file} "
+                   f"with {self.state.num_processes} process(es): {', '.join(c.name for c in todo)}")
+        elif ev.follow and ev.follow_timeout_seconds is not None and \
+                time.monotonic() - self.last_new > ev.follow_timeout_seconds:
+            print0(f"--follow: no new checkpoint in {ev.follow_timeout_seconds:g} s and no {FINAL_ADAPTER} in "
+                   f"{self.job.run_dir}; stopping (did training stop early?). Rerun to score what appears later.",
+                   file=sys.stderr)
+            stop, status = True, 1
+        return todo, stop, status
+
+    def record(self, ckpt: Checkpoint, predictions: list[str], seconds: float) -> None:
+        """Rank 0: predictions file, W&B, results row, and the line that says the checkpoint is scored."""
+        row = results_row(self.job, ckpt, self.evaluator, predictions, seconds, self.state.num_processes)
+        results.write_predictions(ckpt, self.evaluator.prompts, predictions, print0)
+        if "wandb" in self.job.ev.report_to:
+            self.logger = self.logger or WandbLogger(self.job.run_dir, self.job.ev.run_name)
+            self.logger.log(row, self.evaluator.prompts, predictions)
+        results.save_row(self.job.results_path, row, print0)
+        print0(f"scored {ckpt.name} (step {ckpt.global_step}): "
+               + ", ".join(f"{m} {row[m]:.4f} [{row[m + '_low']:.3f}, {row[m + '_high']:.3f}]" for m in ROUGE_TYPES)
+               + f"; empty {row['num_empty']}/{row['num_examples']}; {row['seconds']:.1f} s")
+
+    def run(self) -> int:
+        """Score until nothing is left (with --follow: until final_adapter is scored). Returns the exit status."""
+        while True:
+            todo, stop, status = ranks.from_main(self.state, "looking for checkpoints", self.next_round)
+            for ckpt in todo:
+                start = time.perf_counter()
+                predictions = self.evaluator.predict(ckpt)
+                self.done.add(ckpt.name)
+                seconds = time.perf_counter() - start
+                ranks.from_main(self.state, f"writing the results of {ckpt.name}",
+                                lambda: self.record(ckpt, predictions, seconds))
+            if stop:
+                break
+            time.sleep(self.job.ev.follow_poll_seconds)
+        ranks.from_main(self.state, "writing the report", lambda: finish_report(self.job))
+        return status
+
+
+def score_all(job: EvalJob) -> int:
+    """The scoring loop on every process of the launch (one, or accelerate's N). Returns the exit status."""
+    from accelerate import PartialState
+
+    # On a machine without CUDA, cpu=True is what makes accelerate build the gloo process group for N processes.
+    scoring = Scoring(job, PartialState(cpu=not torch.cuda.is_available()))
+    try:
+        status = scoring.run()
+    finally:
+        if scoring.logger:
+            scoring.logger.finish()
+    teardown()
+    return status
+
+
+def preflight(job: EvalJob) -> int:
+    """What a launch of several processes would do, in one process: 0 to go ahead, NOTHING_TO_SCORE when done."""
+    if job.ev.follow:
+        return 0
+    todo, _ = pending_checkpoints(job, set(), WarnOnce(follow=False))
+    if todo:
+        print0(f"{len(todo)} checkpoint(s) to score: {', '.join(c.name for c in todo)}")
+        return 0
+    finish_report(job)
+    return NOTHING_TO_SCORE
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        job = parse_job(argv)
+        if job.ev.preflight:
+            sys.exit(preflight(job))
+        status = score_all(job)
+    except (ConfigError, DataError) as err:
+        print0(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ranks.RankFailed as err:  # raised on every rank at the same collective
+        print0(str(err), file=sys.stderr)
+        teardown()  # after the print: the launcher stops every process once one exits
+        sys.exit(err.failure.status)
+    if status:
+        sys.exit(status)

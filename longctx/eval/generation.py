@@ -1,0 +1,185 @@
+"""Greedy generation from the validation prompts: one base model, adapters swapped, batches split over processes.
+
+Each validation record's prompt alone (chat template + generation prompt) is generated from greedily: prompts
+sorted by length (longest first, so an out-of-memory shows at once) into batches of generation_batch_size, left
+padded, up to max_new_tokens, stopping at the tokenizer's and the model's end-of-turn tokens. With several
+processes the batches are dealt out round-robin, each process generates its own, and the pairs (prompt index,
+text) are merged back in prompt order: the same batches as one process, so the same predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoints import Checkpoint
+from ..collate import PadCollator
+from ..config import DataArguments, GenerationArguments, ModelArguments
+from ..data import DataError, encode_prompt, fit_document, load_records
+from ..modeling import load_base_model, load_tokenizer, resolve_attn_implementation
+from . import ranks
+
+
+@dataclass
+class Prompt:
+    id: str
+    input_ids: list[int]
+    reference: str
+
+
+def build_prompts(tokenizer, data: DataArguments) -> tuple[list[Prompt], int]:
+    """Validation prompts under the length policy; returns (prompts, number dropped for length)."""
+    records = load_records(data.validation_file, "validation", data.max_eval_samples)
+    prompts, dropped = [], 0
+    for index, record in enumerate(records):
+        document = record[data.document_field]
+        ids = encode_prompt(tokenizer, document, data)
+        if len(ids) > data.max_seq_length:
+            fitted = None
+            if data.length_policy == "truncate_document":
+                fitted = fit_document(tokenizer, document, data, data.max_seq_length,
+                                      lambda doc: len(encode_prompt(tokenizer, doc, data)))
+            if fitted is None:
+                dropped += 1
+                continue
+            ids = encode_prompt(tokenizer, fitted[0], data)
+        record_id = record.get(data.id_field)
+        prompts.append(Prompt(f"validation:{index}" if record_id is None else str(record_id), ids,
+                              record[data.summary_field]))
+    return prompts, dropped
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """EOS of the tokenizer and of the model's generation config (chat models often end turns with their own)."""
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return sorted(ids)
+
+
+def make_batches(prompts: list[Prompt], batch_size: int) -> list[list[int]]:
+    """Prompt indices grouped by length, longest first: little padding, and an out-of-memory shows in the first
+    batch rather than hours in."""
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i].input_ids), i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def share_of_process(batches: list[list[int]], state) -> list[list[int]]:
+    """This process's batches: every num_processes-th one, so each process gets long and short batches alike.
+    `state`: accelerate's PartialState (None: one process)."""
+    if state is None or state.num_processes == 1:
+        return batches
+    # split_between_processes hands out contiguous slices; laid out like this, process r's slice is batches[r::n].
+    n = state.num_processes
+    with state.split_between_processes([b for r in range(n) for b in batches[r::n]]) as mine:
+        return list(mine)
+
+
+@torch.no_grad()
+def generate_batches(model, tokenizer, prompts: list[Prompt], batches: list[list[int]], gen: GenerationArguments,
+                     stop_ids: list[int]) -> list[tuple[int, str]]:
+    """(prompt index, prediction) for every prompt of `batches`."""
+    device = next(model.parameters()).device
+    collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
+    out = []
+    for chunk in batches:
+        batch = collate([{"input_ids": prompts[i].input_ids} for i in chunk])
+        output = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=gen.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = output[:, batch["input_ids"].shape[1]:]
+        out += [(i, text.strip()) for i, text in zip(chunk, tokenizer.batch_decode(new_tokens,
+                                                                                   skip_special_tokens=True))]
+    return out
+
+
+def merge_in_order(pairs: list[tuple[int, str]], num_prompts: int) -> list[str]:
+    """Predictions in prompt order from the (index, text) pairs of every process."""
+    predictions: list[str | None] = [None] * num_prompts
+    for i, text in pairs:
+        predictions[i] = text
+    missing = [i for i, p in enumerate(predictions) if p is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} prompts got no prediction after merging the processes' shares")
+    return predictions
+
+
+def generate(model, tokenizer, prompts: list[Prompt], gen: GenerationArguments,
+             stop_ids: list[int] | None = None) -> list[str]:
+    """Greedy predictions in the prompts' order, in this process alone."""
+    stop_ids = stop_ids if stop_ids is not None else stop_token_ids(tokenizer, model)
+    batches = make_batches(prompts, gen.generation_batch_size)
+    return merge_in_order(generate_batches(model, tokenizer, prompts, batches, gen, stop_ids), len(prompts))
+
+
+class AdapterSwapper:
+    """One base model; each checkpoint's adapter is loaded, made the active one, and the previous one deleted, so
+    the memory holds the base plus at most two adapters at any time."""
+
+    def __init__(self, base):
+        self.base = base
+        self.model = None
+        self.active: str | None = None
+        self.loaded = 0
+
+    def activate(self, path: str | Path):
+        from peft import PeftModel
+
+        name = f"adapter_{self.loaded}"  # unique: peft refuses to load a name twice
+        self.loaded += 1
+        if self.model is None:
+            self.model = PeftModel.from_pretrained(self.base, str(path), adapter_name=name, is_trainable=False)
+        else:
+            self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            self.model.set_adapter(name, inference_mode=True)
+            self.model.delete_adapter(self.active)
+        self.active = name
+        return self.model.eval()
+
+
+class Evaluator:
+    """Per process: tokenizer, prompts and base model, loaded at the first checkpoint that needs scoring (a rerun
+    with nothing to score loads nothing); then, per checkpoint, this process's share of the predictions."""
+
+    def __init__(self, model_args: ModelArguments, data: DataArguments, gen: GenerationArguments, state):
+        self.model_args, self.data, self.gen, self.state = model_args, data, gen, state
+        self.swapper: AdapterSwapper | None = None
+
+    def load(self) -> None:
+        if self.swapper is not None:
+            return
+        self.tokenizer = load_tokenizer(self.model_args, padding_side="left")
+        self.prompts, self.dropped = build_prompts(self.tokenizer, self.data)
+        if not self.prompts:
+            raise DataError(f"{self.data.validation_file}: no validation prompt fits max_seq_length="
+                            f"{self.data.max_seq_length}; raise it or set length_policy: truncate_document.")
+        base = load_base_model(self.model_args, training=False).to(self.state.device).eval()
+        self.stop_ids = stop_token_ids(self.tokenizer, base)
+        self.generation = {
+            "max_new_tokens": self.gen.max_new_tokens, "generation_batch_size": self.gen.generation_batch_size,
+            "decoding": "greedy", "stop_token_ids": self.stop_ids, "padding_side": "left",
+            "dtype": str(base.dtype).replace("torch.", ""),
+            "attn_implementation": resolve_attn_implementation(self.model_args.attn_implementation),
+        }
+        self.swapper = AdapterSwapper(base)
+
+    def _my_share(self, ckpt: Checkpoint) -> list[tuple[int, str]]:
+        self.load()
+        model = self.swapper.activate(ckpt.path)
+        batches = share_of_process(make_batches(self.prompts, self.gen.generation_batch_size), self.state)
+        return generate_batches(model, self.tokenizer, self.prompts, batches, self.gen, self.stop_ids)
+
+    def predict(self, ckpt: Checkpoint) -> list[str]:
+        """Every process generates its share; every process receives all predictions in prompt order, or, when
+        any process failed, raises ranks.RankFailed at the same moment as the others."""
+        shares = ranks.gather(self.state, f"scoring {ckpt.name}", lambda: self._my_share(ckpt))
+        return merge_in_order([pair for share in shares for pair in share], len(self.prompts))

@@ -1,0 +1,62 @@
+"""ROUGE per checkpoint to Weights & Biases, against each checkpoint's own training step."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..distributed import print0
+from ..metrics import rouge_per_example
+
+if TYPE_CHECKING:
+    from .generation import Prompt
+
+WANDB_RUN_FILE = "wandb_run.json"  # written by training (longctx.train) with the W&B run's id and project
+
+
+class WandbLogger:
+    """ROUGE against each checkpoint's training step (custom step axis train/global_step), and one prediction table
+    per checkpoint (its key names the checkpoint, so none is overwritten).
+
+    When training left RUN_DIR/wandb_run.json, the training run is resumed (resume="allow") so ROUGE sits beside the
+    loss curves. Offline, W&B cannot reach the run: it records the resume in a new offline-run-*-<same id> folder,
+    and `wandb sync` of the training run's folder and then this one appends to the training run. Without the file
+    (training without W&B, or still running under --follow) a new run is made in the group run_name.
+    """
+
+    def __init__(self, run_dir: Path, run_name: str | None):
+        import wandb
+
+        self.wandb = wandb
+        info_path = run_dir / WANDB_RUN_FILE
+        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
+        if info and info.get("id"):
+            self.run = wandb.init(id=info["id"], project=info.get("project") or os.environ.get("WANDB_PROJECT"),
+                                  resume="allow", dir=str(run_dir))
+            print0(f"W&B: logging into the training run {info['id']} (resumed; from {info_path})")
+        else:
+            group = run_name or run_dir.name
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT"), name=f"{group}-eval", group=group,
+                                  job_type="eval", dir=str(run_dir))
+            print0(f"W&B: no {info_path}; logging into a new run {self.run.id} in group {group!r}")
+        self.run.define_metric("train/global_step")
+        self.run.define_metric("rouge/*", step_metric="train/global_step")
+
+    def log(self, row: dict, prompts: list[Prompt], predictions: list[str]) -> None:
+        per_example = rouge_per_example(predictions, [p.reference for p in prompts])
+        table = self.wandb.Table(columns=["id", "prediction", "reference", "rougeLsum"],
+                                 data=[[p.id, pred, p.reference, s["rougeLsum"]]
+                                       for p, pred, s in zip(prompts, predictions, per_example)])
+        metrics = {f"rouge/{k}": row[k] for k in row if k.startswith("rouge")}
+        self.run.log({"train/global_step": row["global_step"], **metrics, "rouge/num_empty": row["num_empty"],
+                      f"predictions/{row['checkpoint']}": table})
+
+    def finish(self) -> None:
+        offline = self.run.settings.mode == "offline"
+        run_path = Path(self.run.dir).parent
+        self.run.finish()
+        if offline:
+            # `wandb sync` uploads the folders of one run id in order of start time: training's, then this one.
+            print0(f"W&B ran offline; to upload later: wandb sync {run_path.parent}/offline-run-*-{self.run.id}")

@@ -1,0 +1,59 @@
+"""longctx.eval.wandb_log: ROUGE into the training run (resumed) against each checkpoint's training step, one
+prediction table per checkpoint; without the training run's id, a new run of the group. Offline runs read back
+with `wandb leet inspect`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from eval_support import EVAL, copy_run, rows_of, run
+
+
+def wandb_records(run_dir: Path) -> list[dict]:
+    proc = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_wandb_resumes_the_training_run_and_logs_rouge_at_each_checkpoint_step(trained_run, tmp_path):
+    out = copy_run(trained_run, tmp_path / "run")
+    train_id = json.loads((out / "wandb_run.json").read_text())["id"]
+    before = set((out / "wandb").glob("offline-run-*"))
+    proc = run(["bash", EVAL], OUTPUT_DIR=str(out))  # report_to wandb comes from the run's own settings
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"W&B: logging into the training run {train_id} (resumed" in proc.stdout
+    new = sorted(set((out / "wandb").glob("offline-run-*")) - before)
+    assert len(new) == 1 and new[0].name.endswith(f"-{train_id}")  # the same run id as training
+
+    records = wandb_records(new[0])
+    run_record = next(r["run"] for r in records if r.get("type") == "run")
+    assert run_record["run_id"] == train_id and run_record["resume"] is True
+    metrics = [r["metric"] for r in records if r.get("type") == "metric"]
+    assert {"glob_name": "rouge/*", "step_metric": "train/global_step"}.items() <= \
+           next(m for m in metrics if m.get("glob_name") == "rouge/*").items()
+    history = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    rows = rows_of(out)
+    assert [h["train/global_step"] for h in history] == [r["global_step"] for r in rows] == [2, 4, 5, 5]
+    for h, row in zip(history, rows):
+        for key in ("rouge1", "rougeLsum", "rougeLsum_low", "rougeLsum_high"):
+            assert h[f"rouge/{key}"] == pytest.approx(row[key], abs=1e-12)
+        assert h["rouge/num_empty"] == row["num_empty"]
+        table = f"predictions/{row['checkpoint']}"  # one table per checkpoint: nothing overwritten
+        assert h[f"{table}._type"] == "table-file" and h[f"{table}.nrows"] == 4
+        assert (new[0] / "files" / h[f"{table}.path"]).is_file()
+
+
+def test_wandb_without_the_training_run_id_logs_into_a_new_run_of_the_group(trained_run, tmp_path):
+    out = copy_run(trained_run, tmp_path / "run", without=("wandb_run.json", "wandb"))
+    proc = run(["bash", EVAL, "--report_to", "wandb", "--run_name", "grouped"], OUTPUT_DIR=str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (new,) = (out / "wandb").glob("offline-run-*")
+    records = wandb_records(new)
+    run_record = next(r["run"] for r in records if r.get("type") == "run")
+    assert run_record["run_group"] == "grouped" and run_record["job_type"] == "eval"
+    history = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    assert [h["train/global_step"] for h in history] == [2, 4, 5, 5]
+    assert "wandb sync" in proc.stdout
