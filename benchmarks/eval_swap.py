@@ -27,7 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from longctx import checkpoints, tiny  # noqa: E402
-from longctx.config import DataArguments, GenerationArguments, ModelArguments, parse_config  # noqa: E402
+from longctx.config import parse_config  # noqa: E402
+from longctx.settings import DataArguments, GenerationArguments, ModelArguments
 from longctx.eval.cli import all_setting_names  # noqa: E402
 from longctx.eval.generation import AdapterSwapper, build_prompts, generate, stop_token_ids  # noqa: E402
 from longctx.modeling import load_base_model, load_tokenizer  # noqa: E402

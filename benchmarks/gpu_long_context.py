@@ -69,7 +69,7 @@ def run_child(args) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from longctx.config import LoraArguments
+    from longctx.settings import LoraArguments
     from longctx.loss import summary_loss
     from longctx.modeling import apply_lora, resolve_attn_implementation
     from longctx.tiling import enable_tiled_mlp

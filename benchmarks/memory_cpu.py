@@ -77,7 +77,7 @@ def run_child(mode: str, seq_len: int, tile_tokens: int, seed: int) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from longctx.config import LoraArguments
+    from longctx.settings import LoraArguments
     from longctx.loss import summary_loss
     from longctx.modeling import apply_lora
     from longctx.tiling import enable_tiled_mlp

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DataArguments
+from .settings import DataArguments
 from .files import atomic_path, write_atomic
 
 IGNORE_INDEX = -100

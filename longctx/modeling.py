@@ -7,7 +7,7 @@ import importlib.util
 
 import torch
 
-from .config import LoraArguments, ModelArguments
+from .settings import LoraArguments, ModelArguments
 
 
 def resolve_attn_implementation(requested: str = "auto") -> str:

@@ -69,7 +69,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_dir) -> Path:
     """A real training run (W&B offline, so it leaves wandb_run.json) with checkpoint-2, -4, -5 + final_adapter."""
-    from eval_support import NAMES, QUICK_TRAINING, TRAIN, run
+    from eval_support import NAMES, QUICK_TRAINING
+    from launching import TRAIN_000 as TRAIN, run
 
     out = tmp_path_factory.mktemp("trained")
     proc = run(["bash", TRAIN, *QUICK_TRAINING], timeout=600, OUTPUT_DIR=str(out))
@@ -82,7 +83,8 @@ def trained_run(tmp_path_factory, tiny_dir) -> Path:
 @pytest.fixture(scope="session")
 def scored_run(trained_run, tmp_path_factory):
     """(a copy of the run scored once by eval_all_checkpoints.sh with SCORE_FLAGS in one process, its output)."""
-    from eval_support import EVAL, SCORE_FLAGS, copy_run, run
+    from eval_support import SCORE_FLAGS, copy_run
+    from launching import EVAL_000 as EVAL, run
 
     out = copy_run(trained_run, tmp_path_factory.mktemp("scored") / "run")
     proc = run(["bash", EVAL, *SCORE_FLAGS], OUTPUT_DIR=str(out))

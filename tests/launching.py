@@ -1,19 +1,81 @@
-"""Running the real launchers from tests: an experiment folder whose train_cluster.py first applies a fault or a
-probe, and waiting on a line a process prints (read from its pipe, no polling)."""
+"""Running the real launchers from tests: to the end (`run`), or started and followed line by line (`Started`: a
+test waits for the line that announces an event, never sleeps or polls); an experiment folder whose
+train_cluster.py first applies a fault or a probe (`experiment_with`); and an offline W&B run read back
+(`wandb_records`)."""
 
 from __future__ import annotations
 
-import re
-import selectors
+import json
+import os
+import queue
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 from conftest import REPO_ROOT, subprocess_env
 
 EXP_000 = REPO_ROOT / "experiments" / "000_tiny_smoke"
+TRAIN_000 = EXP_000 / "launch_train.sh"
+EVAL_000 = EXP_000 / "eval_all_checkpoints.sh"
 LAUNCH = REPO_ROOT / "scripts" / "launch_train.sh"
+
+
+def run(cmd: list, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """A command from the repository root with the tests' environment (offline, one thread per process)."""
+    return subprocess.run([str(c) for c in cmd], cwd=REPO_ROOT, env=subprocess_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class Started:
+    """A process started in its own session (so its whole group can be killed), stdout and stderr merged. A
+    thread reads its output line by line into a queue, so a test waits for the line that announces an event
+    (blocked on the queue, with a timeout) instead of sleeping or polling files."""
+
+    def __init__(self, cmd: list, **env: str):
+        self.proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO_ROOT, env=subprocess_env(**env),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)  # end of output: the process closed its side of the pipe
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        """The first line (from here on) that contains `text`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                raise AssertionError(f"no line with {text!r} within {timeout} s:\n" + self.output()[-3000:]) from None
+            if line is None:
+                self._queue.put(None)
+                raise AssertionError(f"the process ended without a line with {text!r}:\n" + self.output()[-3000:])
+            self.lines.append(line)
+            if text in line:
+                return line
+
+    def finish(self, timeout: float) -> int:
+        """Waits for the end of the output and the exit; returns the exit status."""
+        deadline = time.monotonic() + timeout
+        while (line := self._queue.get(timeout=max(deadline - time.monotonic(), 0))) is not None:
+            self.lines.append(line)
+        self._queue.put(None)
+        return self.proc.wait(timeout=max(deadline - time.monotonic(), 1))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(timeout=30)
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
 
 
 def experiment_with(tmp_path: Path, prelude: str, name: str = "exp") -> Path:
@@ -27,33 +89,13 @@ def experiment_with(tmp_path: Path, prelude: str, name: str = "exp") -> Path:
     return exp
 
 
-def launch(exp: Path, args: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+def launch_experiment(exp: Path, args: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     """scripts/launch_train.sh on an experiment folder, to the end."""
-    return subprocess.run(["bash", str(LAUNCH), str(exp), *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env(**env))
+    return run(["bash", LAUNCH, exp, *args], timeout=timeout, **env)
 
 
-def start(cmd: list[str], **env: str) -> subprocess.Popen:
-    """A process in a session of its own (so its whole group can be killed), stdout and stderr in one pipe."""
-    return subprocess.Popen([str(c) for c in cmd], cwd=REPO_ROOT, env=subprocess_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float) -> tuple[re.Match, list[str]]:
-    """Read the process's output line by line until a line matches `pattern` (a regex); returns the match and the
-    lines read. Fails when the process ends or `timeout` seconds pass first."""
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    lines: list[str] = []
-    while True:
-        left = deadline - time.monotonic()
-        assert left > 0, f"no line matching {pattern!r} within {timeout} s; last lines:\n" + "".join(lines[-30:])
-        if not selector.select(left):
-            continue
-        line = proc.stdout.readline()
-        assert line, f"the process ended (status {proc.wait()}) before printing {pattern!r}:\n" + "".join(lines[-30:])
-        lines.append(line)
-        match = re.search(pattern, line)
-        if match:
-            return match, lines
+def wandb_records(run_dir: Path) -> list[dict]:
+    """Every record of an offline W&B run folder, read back with `wandb leet inspect --json`."""
+    proc = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from longctx.checkpoints import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, AdapterError, find_checkpoints,
                                  read_trainer_state, verify_adapter, write_manifest)
-from longctx.config import LoraArguments
+from longctx.settings import LoraArguments
 from longctx.modeling import apply_lora
 
 

@@ -10,8 +10,8 @@ import pytest
 from transformers import TrainingArguments
 
 from conftest import REPO_ROOT, subprocess_env, write_jsonl
-from longctx.config import (DATACLASSES, ConfigError, DataArguments, GenerationArguments, LoraArguments,
-                            ModelArguments, parse_config, validate)
+from longctx.config import ConfigError, parse_config, validate
+from longctx.settings import DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments
 
 CONFIG_000 = REPO_ROOT / "experiments" / "000_tiny_smoke" / "config.yaml"
 CONFIG_009 = REPO_ROOT / "experiments" / "009_text_summary" / "config.yaml"

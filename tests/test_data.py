@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import write_jsonl
-from longctx.config import DataArguments
+from longctx.settings import DataArguments
 from longctx.data import (IGNORE_INDEX, LENGTH_REPORT, DataError, check_records, encode_record, tokenize_split,
                           write_length_report)
 

@@ -5,43 +5,29 @@ DeepSpeed ZeRO-2) are compared with one in test_equivalence.py."""
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, subprocess_env
+from launching import EVAL_000 as EVAL, TRAIN_000 as TRAIN, run, wandb_records
 from rouge_score import rouge_scorer
 
 from longctx.metrics import ROUGE_TYPES, sentences_per_line
 
 pytestmark = pytest.mark.e2e
-TRAIN = REPO_ROOT / "experiments" / "000_tiny_smoke" / "launch_train.sh"
-EVAL = REPO_ROOT / "experiments" / "000_tiny_smoke" / "eval_all_checkpoints.sh"
 # Small but complete: 16 records (2 of them too long -> dropped), 7 optimizer steps, checkpoints at 3, 6, 7.
 QUICK = ["--max_train_samples", "16", "--max_eval_samples", "4", "--num_train_epochs", "1", "--save_steps", "3",
          "--eval_steps", "3", "--logging_steps", "1"]
 
 
-def run(cmd: list[str], timeout: float, **env: str) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
-    return proc, time.monotonic() - start
-
-
 def wandb_history(run_dir: Path) -> list[dict]:
-    """History rows of an offline W&B run, read back with `wandb leet inspect --json`."""
-    proc = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
-                          timeout=120, check=True)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return [r["history"]["item"] for r in rows if r.get("type") == "history"]
+    """History rows of an offline W&B run."""
+    return [r["history"]["item"] for r in wandb_records(run_dir) if r.get("type") == "history"]
 
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, tiny_dir):
     out = tmp_path_factory.mktemp("run1")
-    proc, seconds = run(["bash", str(TRAIN), *QUICK], timeout=600, OUTPUT_DIR=str(out))
+    proc = run(["bash", str(TRAIN), *QUICK], timeout=600, OUTPUT_DIR=str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 
@@ -102,7 +88,7 @@ def test_wandb_offline_run_has_train_and_eval_loss(single_run):
 
 def test_eval_all_checkpoints_rows_match_rouge_score(single_run):
     out, _ = single_run
-    proc, _ = run(["bash", str(EVAL), "--report_to", "none"], timeout=600, OUTPUT_DIR=str(out))
+    proc = run(["bash", str(EVAL), "--report_to", "none"], timeout=600, OUTPUT_DIR=str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "eval_results.jsonl").read_text().splitlines()]
     assert [(r["checkpoint"], r["global_step"]) for r in rows] == [
@@ -141,7 +127,7 @@ def test_parquet_data_trains_and_scores_like_the_same_records_in_jsonl(single_ru
 
     train, validation = to_parquet("train", 16), to_parquet("validation", 4)
     out = tmp_path / "run"
-    proc, _ = run(["bash", str(TRAIN), *QUICK, "--train_file", str(train), "--validation_file", str(validation),
+    proc = run(["bash", str(TRAIN), *QUICK, "--train_file", str(train), "--validation_file", str(validation),
                    "--report_to", "none"], timeout=600, OUTPUT_DIR=str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "train: 16 records, 2 dropped, 0 truncated" in proc.stdout
@@ -149,7 +135,7 @@ def test_parquet_data_trains_and_scores_like_the_same_records_in_jsonl(single_ru
     assert sorted(got) == sorted(expected) == list(range(1, 8))
     assert all(abs(got[s] - expected[s]) <= 1e-5 for s in expected), (got, expected)
 
-    scored, _ = run(["bash", str(EVAL), "--report_to", "none", "--max_new_tokens", "8"], timeout=600,
+    scored = run(["bash", str(EVAL), "--report_to", "none", "--max_new_tokens", "8"], timeout=600,
                     OUTPUT_DIR=str(out))
     assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "eval_results.jsonl").read_text().splitlines()]

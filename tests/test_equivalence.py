@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, subprocess_env
+from launching import TRAIN_000 as TRAIN, run
+
 from longctx import checkpoints
 
 pytestmark = pytest.mark.e2e
-TRAIN = REPO_ROOT / "experiments" / "000_tiny_smoke" / "launch_train.sh"
 # 16 records, the first 2 too long (dropped): 14 samples, an even number, so every optimizer step holds 2 samples
 # either way (one process: 2 micro-batches; two processes: one each). 7 optimizer steps, a loss logged at each.
 COMMON = ["--max_train_samples", "16", "--num_train_epochs", "1", "--logging_steps", "1", "--save_steps", "100",
@@ -23,10 +23,7 @@ COMMON = ["--max_train_samples", "16", "--num_train_epochs", "1", "--logging_ste
 
 
 def train(out, *flags, **env):
-    import subprocess
-
-    proc = subprocess.run(["bash", str(TRAIN), *COMMON, *flags], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, env=subprocess_env(OUTPUT_DIR=str(out), **env))
+    proc = run(["bash", TRAIN, *COMMON, *flags], OUTPUT_DIR=str(out), **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import shutil
 
 from conftest import REPO_ROOT
-from eval_support import EVAL, NAMES, Started, copy_run, inprocess, line_count, rows_of, run
+from eval_support import NAMES, copy_run, inprocess, line_count, rows_of
+from launching import EVAL_000 as EVAL, Started, run
 
 from longctx.eval import cli
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from accelerate import PartialState
 from conftest import REPO_ROOT
-from eval_support import EVAL, NAMES, SCORE_FLAGS, copy_run, predictions_of, rows_of, run
+from eval_support import NAMES, SCORE_FLAGS, copy_run, predictions_of, rows_of
+from launching import EVAL_000 as EVAL, run
 
 from longctx.eval import generation
 from longctx.eval.cli import all_setting_names
@@ -18,7 +19,8 @@ def test_swapped_adapters_predict_exactly_what_fresh_loads_predict(trained_run, 
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from longctx.checkpoints import find_checkpoints
-    from longctx.config import DataArguments, GenerationArguments, ModelArguments, parse_config
+    from longctx.config import parse_config
+    from longctx.settings import DataArguments, GenerationArguments, ModelArguments
 
     monkeypatch.chdir(REPO_ROOT)
     (model_args, data, gen), _, _ = parse_config(

@@ -13,7 +13,8 @@ import signal
 
 import pytest
 from conftest import REPO_ROOT
-from eval_support import EVAL, NAMES, SCORE_FLAGS, Started, copy_run, predictions_of, rows_of, run
+from eval_support import NAMES, SCORE_FLAGS, copy_run, predictions_of, rows_of
+from launching import EVAL_000 as EVAL, Started, run
 from rouge_score import rouge_scorer, scoring
 
 from longctx import files
@@ -119,7 +120,7 @@ def test_killed_run_leaves_whole_rows_and_rerun_finishes_without_duplicates(trai
 # --- settings and fingerprint --------------------------------------------------------------------------------------
 
 def test_fingerprint_follows_validation_content_not_its_path(tmp_path, tiny_dir, monkeypatch):
-    from longctx.config import DataArguments, GenerationArguments, ModelArguments
+    from longctx.settings import DataArguments, GenerationArguments, ModelArguments
 
     monkeypatch.chdir(REPO_ROOT)
     validation = tiny_dir / "data" / "validation.jsonl"

@@ -5,17 +5,10 @@ with `wandb leet inspect`."""
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
-from eval_support import EVAL, copy_run, rows_of, run
-
-
-def wandb_records(run_dir: Path) -> list[dict]:
-    proc = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
-                          timeout=120, check=True)
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+from eval_support import copy_run, rows_of
+from launching import EVAL_000 as EVAL, run, wandb_records
 
 
 def test_wandb_resumes_the_training_run_and_logs_rouge_at_each_checkpoint_step(trained_run, tmp_path):

@@ -4,9 +4,7 @@ teardown, an altered adapter, secrets in the environment."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,12 +13,11 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import REPO_ROOT, subprocess_env, write_jsonl
-from launching import experiment_with, launch as launch_experiment, start, wait_for_line
+from launching import TRAIN_000 as TRAIN, Started, experiment_with, launch_experiment, run
 
 from longctx import checkpoints
 
 pytestmark = pytest.mark.e2e
-TRAIN = REPO_ROOT / "experiments" / "000_tiny_smoke" / "launch_train.sh"
 TRAIN_PY = REPO_ROOT / "experiments" / "000_tiny_smoke" / "train_cluster.py"
 CONFIG = REPO_ROOT / "experiments" / "000_tiny_smoke" / "config.yaml"
 # fp32 (the 000 config), deterministic algorithms, a loss logged every step; 14 kept records, 2 epochs.
@@ -36,23 +33,21 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 
 def launch(out: Path, extra: list[str], timeout: float = 600, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(TRAIN), *extra], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env(OUTPUT_DIR=str(out), **env))
+    return run(["bash", TRAIN, *extra], timeout=timeout, OUTPUT_DIR=str(out), **env)
 
 
 def kill_after_checkpoint(out: Path, extra: list[str], step: int, **env) -> None:
     """Start training and SIGKILL the whole job once it prints that checkpoint-<step> is complete."""
-    proc = start(["bash", str(TRAIN), *extra], OUTPUT_DIR=str(out), **env)
+    started = Started(["bash", TRAIN, *extra], OUTPUT_DIR=str(out), **env)
     try:
-        wait_for_line(proc, rf"checkpoint complete: \S*checkpoint-{step} ", timeout=600)
+        started.wait_for(f"checkpoint-{step} (step {step})", timeout=600)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        started.kill()
         # torch elastic starts each rank in a session of its own: kill every process of this run, as a scheduler
         # would.
         for child in psutil.process_iter(["cmdline"]):
             if str(out) in " ".join(child.info["cmdline"] or []):
                 child.kill()
-        proc.wait(timeout=60)
     assert (out / f"checkpoint-{step}" / checkpoints.MANIFEST).exists()
     assert not (out / "final_adapter").exists(), "killed too late: the run had already finished"
 
@@ -245,7 +240,6 @@ def test_step_watchdog_guards_the_evaluation_of_its_step(tmp_path, tiny_dir):
 
 
 INF_GRADIENT = """
-import os
 
 import longctx.train
 
@@ -324,7 +318,7 @@ def test_final_adapter_manifest_and_altered_adapter_refused(tmp_path, tiny_dir):
 
 def test_no_unsafe_loading_in_the_code():
     """torch.load only with weights_only=True; trust_remote_code only from the setting (default off)."""
-    from longctx.config import ModelArguments
+    from longctx.settings import ModelArguments
 
     assert ModelArguments().trust_remote_code is False
     for path in (REPO_ROOT / "longctx").glob("*.py"):

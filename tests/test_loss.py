@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from longctx.collate import PadCollator
-from longctx.config import DataArguments, LoraArguments
+from longctx.settings import DataArguments, LoraArguments
 from longctx.data import IGNORE_INDEX, encode_record
 from longctx.loss import reference_loss, summary_loss
 from longctx.modeling import apply_lora

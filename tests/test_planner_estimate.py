@@ -15,7 +15,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from conftest import REPO_ROOT
-from longctx.config import LoraArguments
+from longctx.settings import LoraArguments
 from longctx.modeling import apply_lora
 from longctx.planner.advice import largest_fitting_tokens
 from longctx.planner.architecture import Architecture, ArchitectureError, load_architecture

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, TrainingArguments
 
-from longctx.config import ConfigError, LoraArguments, MemoryArguments, validate_memory
+from longctx.config import ConfigError, validate_memory
+from longctx.settings import LoraArguments, MemoryArguments
 from longctx.loss import summary_loss
 from longctx import offload, tiling
 from longctx.modeling import apply_lora, apply_memory_switches
@@ -233,9 +234,9 @@ def test_offloaded_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
     monkeypatch.setattr(transformers.modeling_utils, "save_on_cpu", unpinned_counting)
     batch = summary_batch()
     results = []
-    for offload in (False, True):
+    for offloaded in (False, True):
         model = tiny_lora_qwen3(dropout=0.1)  # dropout: the recompute must replay the forward's masks either way
-        kwargs = offload_checkpointing_kwargs({"use_reentrant": False}) if offload else {"use_reentrant": False}
+        kwargs = offload_checkpointing_kwargs({"use_reentrant": False}) if offloaded else {"use_reentrant": False}
         offload_flag = kwargs.pop("offload", False)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload_flag)
         results.append(loss_and_lora_grads(model, batch))

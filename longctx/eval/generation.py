@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoints import Checkpoint
 from ..collate import PadCollator
-from ..config import DataArguments, GenerationArguments, ModelArguments
+from ..settings import DataArguments, GenerationArguments, ModelArguments
 from ..data import DataError, encode_prompt, fit_document, load_records
 from ..modeling import load_base_model, load_tokenizer, resolve_attn_implementation
 from . import ranks

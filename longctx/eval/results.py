@@ -23,7 +23,7 @@ from ..files import sha256_file, write_atomic
 
 if TYPE_CHECKING:
     from ..checkpoints import Checkpoint
-    from ..config import DataArguments, GenerationArguments, ModelArguments
+    from ..settings import DataArguments, GenerationArguments, ModelArguments
     from .generation import Prompt
 
 RESULTS_FILE = "eval_results.jsonl"

@@ -9,12 +9,10 @@ from typing import TYPE_CHECKING
 
 from ..distributed import print0
 from ..metrics import rouge_per_example
+from ..rundir import WANDB_RUN  # written by training with the W&B run's id and project
 
 if TYPE_CHECKING:
     from .generation import Prompt
-
-WANDB_RUN_FILE = "wandb_run.json"  # written by training (longctx.train) with the W&B run's id and project
-
 
 class WandbLogger:
     """ROUGE against each checkpoint's training step (custom step axis train/global_step), and one prediction table
@@ -30,7 +28,7 @@ class WandbLogger:
         import wandb
 
         self.wandb = wandb
-        info_path = run_dir / WANDB_RUN_FILE
+        info_path = run_dir / WANDB_RUN
         info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
         if info and info.get("id"):
             self.run = wandb.init(id=info["id"], project=info.get("project") or os.environ.get("WANDB_PROJECT"),

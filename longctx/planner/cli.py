@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from transformers import TrainingArguments
 
-from ..config import (DATACLASSES, ConfigError, DataArguments, GenerationArguments, LoraArguments, MemoryArguments,
-                      ModelArguments, build_parser, by_type, parse_config, validate_memory)
+from ..config import ConfigError, build_parser, by_type, parse_config, validate_memory
+from ..settings import DATACLASSES, DataArguments, GenerationArguments, LoraArguments, MemoryArguments, ModelArguments
 from .advice import fits, format_estimate
 from .architecture import ArchitectureError, load_architecture
 from .estimate import LORA_MODULES, StepShape, estimate
