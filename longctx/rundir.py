@@ -20,9 +20,10 @@ import yaml
 
 from . import checkpoints
 from .checkpoints import FINAL_ADAPTER
-from .data import BAD_RECORDS_REPORT, LENGTH_REPORT
+from .data import LENGTH_REPORT
 from .distributed import is_main_process, print0
 from .files import write_atomic
+from .records import BAD_RECORDS_REPORT
 
 RUN_CONFIG = "run_config.yaml"
 RUN_INFO = "run_info.json"

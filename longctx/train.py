@@ -19,10 +19,11 @@ from .callbacks import END_OF_RUN, ManifestCallback, WatchdogCallback
 from .checkpoints import FINAL_ADAPTER
 from .collate import PadCollator
 from .config import ConfigError, by_type, parse_config, resolved_config, validate
-from .data import BAD_RECORDS_REPORT, DataError, check_records, tokenize_split, usable_copy, write_length_report
+from .data import tokenize_split, write_length_report
 from .distributed import cpu_process_group_args, is_main_process, print0, teardown
 from .modeling import (apply_lora, apply_memory_switches, load_base_model, load_tokenizer, resolve_attn_implementation,
                        resolve_dtype)
+from .records import BAD_RECORDS_REPORT, DataError, check_records, usable_copy
 from .rundir import finish_wandb, git_commit, prepare_output_dir, write_run_info
 from .settings import DataArguments, LoraArguments, MemoryArguments, ModelArguments, RunArguments
 from .trainer import LongContextTrainer

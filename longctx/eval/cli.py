@@ -23,7 +23,7 @@ from .. import checkpoints, report
 from ..checkpoints import FINAL_ADAPTER, Checkpoint
 from ..config import ConfigError, parse_config, validate_data, validate_generation
 from ..settings import DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments
-from ..data import DataError, check_records
+from ..records import DataError, check_records
 from ..distributed import print0, teardown
 from ..metrics import ROUGE_TYPES, rouge_with_intervals
 from . import ranks, results

@@ -17,7 +17,8 @@ import torch
 from ..checkpoints import Checkpoint
 from ..collate import PadCollator
 from ..settings import DataArguments, GenerationArguments, ModelArguments
-from ..data import DataError, encode_prompt, fit_document, load_records
+from ..data import encode_prompt, fit_document, load_records
+from ..records import DataError
 from ..modeling import load_base_model, load_tokenizer, resolve_attn_implementation
 from . import ranks
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError
-from ..data import DataError
+from ..records import DataError
 
 BAD_INPUT_STATUS = 2  # a bad setting or data file: the status the command line gives before anything starts
 FAILED_STATUS = 1
