@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,21 @@ class ConfigError(ValueError):
     """A setting is wrong. The message names the setting, the value and the fix."""
 
 
+class SettingsParser(HfArgumentParser):
+    """HfArgumentParser whose errors are ConfigErrors (one line, exit 2 through the caller) instead of argparse's
+    usage dump, and where a shortened flag is a typo, not a setting."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        message = re.sub(r"(--\w+)/--[\w-]+", r"\1", message)  # argparse names each flag twice (--a_b/--a-b)
+        raise ConfigError(f"command line: {message}; see --help for every setting.")
+
+
 def build_parser(dataclass_types=DATACLASSES) -> HfArgumentParser:
-    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)  # a shortened flag is a typo, not a setting
+    parser = SettingsParser(dataclass_types, description=__doc__.split("\n\n")[0] + " The project's settings come "
+                            "first, by group; transformers' TrainingArguments last.")
     parser.add_argument("--config", default=None, help="config.yaml with values for any of the settings below.")
     return parser
 
@@ -84,13 +98,15 @@ def parse_config(argv: list[str] | None = None, dataclass_types=DATACLASSES, tol
     try:
         with _hardware_checks(check_this_machine):
             *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ConfigError:
+        raise
     except ValueError as err:  # a dataclass __post_init__ (e.g. TrainingArguments) rejected a value
         raise ConfigError(f"{known.config or 'command line'}: {err}") from err
     if remaining:
         flags = sorted(f"--{d}" for d in {action.dest for action in parser._actions})
         near = difflib.get_close_matches(remaining[0].split("=")[0], flags, n=1)
         hint = f" Did you mean '{near[0]}'?" if near else " See --help for every setting."
-        raise ConfigError(f"command line: unknown argument(s) {remaining}.{hint}")
+        raise ConfigError(f"command line: unknown setting {remaining[0].split('=')[0]!r}.{hint}")
     return tuple(p for p in parsed if not isinstance(p, argparse.Namespace)), known.config, extra
 
 
@@ -110,11 +126,17 @@ def _hardware_checks(on: bool):
         yield
 
 
+SECRET_SETTINGS = frozenset({"hub_token"})  # never written to the run directory or W&B
+
+
 def resolved_config(*args) -> dict[str, Any]:
-    """Every setting's final value, flat, as a config.yaml would hold it (for the run directory)."""
+    """Every setting's final value, flat, as a config.yaml would hold it (for the run directory and W&B), secrets
+    left out."""
     out: dict[str, Any] = {}
     for obj in args:
         for f in dataclasses.fields(obj):
+            if f.name in SECRET_SETTINGS:
+                continue
             value = getattr(obj, f.name)
             if isinstance(value, enum.Enum):
                 value = value.value
@@ -154,8 +176,14 @@ def validate_generation(gen: GenerationArguments) -> None:
 
 
 def by_type(parsed) -> dict[type, Any]:
-    """The parsed dataclass instances keyed by their class: args[DataArguments].data_field."""
-    return {type(obj): obj for obj in parsed}
+    """The parsed dataclass instances keyed by their class and its dataclass bases: args[DataArguments].data_field,
+    args[TrainingArguments] (parsed as settings.TrainingSettings)."""
+    out: dict[type, Any] = {}
+    for obj in parsed:
+        for cls in type(obj).__mro__:
+            if dataclasses.is_dataclass(cls):
+                out.setdefault(cls, obj)
+    return out
 
 
 def validate_memory(memory: MemoryArguments, training: TrainingArguments) -> None:

@@ -1,4 +1,5 @@
-"""Rank helpers: print and save from rank 0 only, and a teardown that lets every process exit promptly."""
+"""Rank helpers: print and save from rank 0 only, work done by one process for the whole job, and a teardown that lets
+every process exit promptly."""
 
 from __future__ import annotations
 
@@ -22,6 +23,37 @@ def print0(*args, file=None, **kwargs) -> None:
     """The one way this project prints: rank 0 only, flushed, so launcher logs stay readable."""
     if is_main_process():
         print(*args, file=file or sys.stdout, flush=True, **kwargs)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def on_rank_zero(fn):
+    """fn() on global rank 0 only; every rank returns its result, or raises the exception it raised (so one process
+    reads the data files and the run directory for the whole job, and a bad one stops every rank alike)."""
+    if not is_distributed():
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, fn())]
+        except Exception as err:  # noqa: BLE001 - handed to every rank, raised there as here
+            box = [(False, err)]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def gather_from_all(value):
+    """Every rank's value, in rank order (one rank's list when not distributed)."""
+    if not is_distributed():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def teardown() -> None:

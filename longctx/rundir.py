@@ -1,8 +1,10 @@
-"""The run directory (OUTPUT_DIR): resume or start afresh, and what every run records about itself.
+"""The run directory (OUTPUT_DIR): one run per directory, resumed only when it is the same run, or started afresh;
+what every run records about itself; and the check that every machine sees the same directory.
 
     OUTPUT_DIR/run_config.yaml   every setting's final value (evaluation reads it back)
-    OUTPUT_DIR/run_info.json     git commit, package versions, command line, world size, resumed_from
-    OUTPUT_DIR/wandb_run.json    the W&B run's id and project, so evaluation can log into the same run
+    OUTPUT_DIR/run_info.json     git commit, package versions, command line, world size, resumed_from, and the run's
+                                 identity (result-changing settings + data sha256) that a resume must match
+    OUTPUT_DIR/wandb_run.json    the W&B run's id (longctx.tracking), so every launch and evaluation log into it
 """
 
 from __future__ import annotations
@@ -11,49 +13,167 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
+import uuid
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from . import checkpoints
 from .checkpoints import FINAL_ADAPTER
+from .config import ConfigError
 from .data import LENGTH_REPORT
-from .distributed import is_main_process, print0
-from .files import write_atomic
+from .distributed import gather_from_all, print0
+from .files import sha256_file, write_atomic
 from .records import BAD_RECORDS_REPORT
+from .tracking import WANDB_RUN
 
 RUN_CONFIG = "run_config.yaml"
 RUN_INFO = "run_info.json"
-WANDB_RUN = "wandb_run.json"
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets", "wandb", "rouge-score",
             "flash-attn")
 
 
-def prepare_output_dir(run, output_dir: str) -> str | None:
-    """Apply resume / overwrite to output_dir; returns the checkpoint to resume from, if any."""
-    out = Path(output_dir)
-    existing = sorted(out.glob("checkpoint-*")) + ([out / FINAL_ADAPTER] if (out / FINAL_ADAPTER).exists() else [])
-    if run.resume == "auto":
-        latest = checkpoints.latest_resumable(out, warn=print0)
-        if latest:
-            print0(f"resuming from {latest.path} (step {latest.global_step}); RESUME=never starts afresh")
-            return str(latest.path)
-        return None
-    if existing and not run.overwrite:
-        print(f"error: setting 'resume' = 'never' but output_dir {out} already holds {existing[0].name}; "
-              f"set RESUME=auto to continue that run, OVERWRITE=1 to delete it and start afresh, or choose "
-              f"another OUTPUT_DIR.", file=sys.stderr, flush=True)
-        sys.exit(2)
-    if existing and is_main_process():
-        for path in existing:
+# Settings that may differ between the launches of one run: where and how often it logs, saves and evaluates, how
+# it is launched and guarded. Every other setting changes the trained weights, so a resume compares them (and the
+# data files' content) with what the run recorded at its first launch.
+LAUNCH_SETTINGS = frozenset({
+    "output_dir", "resume", "overwrite", "resume_from_checkpoint", "run_name", "project", "report_to",
+    "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "log_level",
+    "log_level_replica", "log_on_each_node", "disable_tqdm", "skip_memory_metrics", "debug",
+    "save_steps", "save_strategy", "save_total_limit", "save_on_each_node", "save_only_model", "save_every_minutes",
+    "eval_steps", "eval_strategy", "eval_delay", "eval_on_start", "eval_accumulation_steps", "eval_do_concat_batches",
+    "eval_use_gather_object", "per_device_eval_batch_size", "prediction_loss_only", "batch_eval_metrics",
+    "bf16_full_eval", "fp16_full_eval", "max_eval_samples", "max_new_tokens", "generation_batch_size",
+    "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "include_for_metrics",
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context", "preprocessing_num_workers", "datasets_cache_dir", "torch_empty_cache_steps",
+    "ddp_timeout", "accelerator_config", "deepspeed", "local_rank", "do_train", "do_eval", "do_predict",
+    "watchdog_timeout_seconds", "step_timeout_seconds", "push_to_hub", "hub_model_id", "hub_strategy",
+    "hub_private_repo", "hub_always_push", "hub_revision", "trackio_space_id", "trackio_bucket_id",
+    "trackio_static_space_id",
+    "train_file", "validation_file", "chat_template",  # compared by content (sha256), not by path
+})
+DATA_FILES = ("train_file", "validation_file", "chat_template")
+RUN_OUTPUTS = (  # what a run writes into OUTPUT_DIR: OVERWRITE=1 removes these (and checkpoint-*), nothing else
+    FINAL_ADAPTER, f".{FINAL_ADAPTER}.tmp", RUN_CONFIG, RUN_INFO, WANDB_RUN, LENGTH_REPORT, BAD_RECORDS_REPORT,
+    "data_usable", "wandb", "eval_results.jsonl", "eval_summary.md", "rouge_by_step.png", "rouge_by_step.csv",
+    "loss_curve.png", "loss_curve.csv", "best_checkpoint",
+)
+
+
+def run_identity(config: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """What makes two launches the same run: every setting that changes the trained weights, the content of the
+    data files (and chat template) and the number of processes (it sets the samples per optimizer step)."""
+    settings = {k: v for k, v in config.items() if k not in LAUNCH_SETTINGS}
+    files = {name: sha256_file(config[name]) for name in DATA_FILES if config.get(name)}
+    return {"settings": settings, "files_sha256": files, "world_size": world_size}
+
+
+def identity_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences, e.g. "max_steps: -1 -> 10", "train_file content (sha256 1a2b3c4d -> 9f8e7d6c)"."""
+    out = []
+    old_settings, new_settings = recorded.get("settings", {}), current["settings"]
+    for key in sorted(set(old_settings) | set(new_settings)):
+        if old_settings.get(key) != new_settings.get(key):
+            out.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")
+    old_files, new_files = recorded.get("files_sha256", {}), current["files_sha256"]
+    for key in sorted(set(old_files) | set(new_files)):
+        if old_files.get(key) != new_files.get(key):
+            out.append(f"{key} content (sha256 {str(old_files.get(key))[:8]} -> {str(new_files.get(key))[:8]})")
+    if recorded.get("world_size") != current["world_size"]:
+        out.append(f"processes: {recorded.get('world_size')} -> {current['world_size']} (samples per optimizer step)")
+    return out
+
+
+def start_afresh(out: Path) -> list[str]:
+    """Remove everything an earlier run wrote into OUTPUT_DIR (checkpoints, final adapter, reports, W&B files,
+    evaluation outputs, the best link); returns the names removed. Files the project does not write stay."""
+    removed = []
+    for path in sorted(out.glob("checkpoint-*")) + [out / name for name in RUN_OUTPUTS]:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
             shutil.rmtree(path)
-        for name in ("eval_results.jsonl", LENGTH_REPORT, BAD_RECORDS_REPORT):
-            (out / name).unlink(missing_ok=True)
-        print0(f"overwrite: removed {len(existing)} checkpoint(s) and reports from {out}")
-    return None
+        else:
+            continue
+        removed.append(path.name)
+    return removed
+
+
+def check_output_dir(run, output_dir: str, identity: dict[str, Any], max_steps: int) -> str | None:
+    """Decide what this launch does with OUTPUT_DIR; returns the checkpoint to resume from, if any.
+
+    OVERWRITE (run.overwrite) starts afresh whatever RESUME says. Otherwise a directory holding a run is resumed
+    (RESUME=auto) only when it is the same run (run_identity equal to the recorded one) and not finished; anything
+    else is a ConfigError naming what differs and the ways on. Nothing is written here."""
+    out = Path(output_dir)
+    ways_on = (f"choose another OUTPUT_DIR, start afresh with OVERWRITE=1 (deletes that run), or relaunch with "
+               f"that run's settings and data ({out / RUN_CONFIG})")
+    if run.overwrite or not out.is_dir():
+        return None
+    existing = sorted(out.glob("checkpoint-*")) + ([out / FINAL_ADAPTER] if (out / FINAL_ADAPTER).exists() else [])
+    if not existing:
+        return None
+    if run.resume == "never":
+        raise ConfigError(f"setting 'resume' = 'never' but OUTPUT_DIR {out} already holds {existing[0].name}; "
+                          f"set RESUME=auto to continue that run, OVERWRITE=1 to delete it and start afresh, or "
+                          f"choose another OUTPUT_DIR.")
+    recorded = _read_json(out / RUN_INFO).get("identity")
+    if recorded is not None:
+        differences = identity_differences(recorded, identity)
+        if differences:
+            raise ConfigError(f"OUTPUT_DIR {out} holds another run: " + "; ".join(differences) + f". To go on, "
+                              f"{ways_on}.")
+    final = out / FINAL_ADAPTER
+    if final.is_dir():
+        step = checkpoints.global_step_of(final)
+        raise ConfigError(f"OUTPUT_DIR {out} holds a finished run (final_adapter at step {step}): nothing to "
+                          f"train. To train again, choose another OUTPUT_DIR or start afresh with OVERWRITE=1 "
+                          f"(deletes that run); to score it, run eval_all_checkpoints.sh.")
+    latest = checkpoints.latest_resumable(out, warn=print0)
+    if latest and 0 < max_steps <= latest.global_step:
+        raise ConfigError(f"setting 'max_steps' = {max_steps}: OUTPUT_DIR {out} is already at step "
+                          f"{latest.global_step} ({latest.name}); nothing to train. Raise max_steps, or {ways_on}.")
+    return str(latest.path) if latest else None
+
+
+SHARED_CHECK = ".output_dir_check"  # a token rank 0 writes and every rank must read back
+
+
+def write_shared_check(output_dir: str) -> str:
+    """Rank 0: write a fresh token into OUTPUT_DIR for check_shared_output_dir; returns it."""
+    token = uuid.uuid4().hex
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(output_dir) / SHARED_CHECK, token)
+    return token
+
+
+def check_shared_output_dir(output_dir: str, token: str) -> None:
+    """Every rank reads back the token rank 0 wrote: with several machines, OUTPUT_DIR must be one directory on a
+    filesystem they all mount (checkpoints are written by several ranks and resume reads them back)."""
+    path = Path(output_dir) / SHARED_CHECK
+    try:
+        seen = path.read_text(encoding="utf-8") == token
+    except OSError:
+        seen = False
+    blind = [f"rank {r} ({host})" for r, (host, ok) in enumerate(gather_from_all((socket.gethostname(), seen)))
+             if not ok]
+    if blind:
+        raise ConfigError(f"OUTPUT_DIR {output_dir} is not one shared directory: {', '.join(blind)} cannot see the "
+                          f"file rank 0 wrote there. Put OUTPUT_DIR on a filesystem every machine mounts at the same "
+                          f"path (checkpoints and resume need it).")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def git_commit() -> dict[str, str | bool | None]:
@@ -87,16 +207,3 @@ def write_run_info(output_dir: str, config: dict, config_path: str | None, extra
             "command": [sys.executable, *sys.argv], "config_file": config_path,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")), **extra}
     write_atomic(out / RUN_INFO, json.dumps(info, indent=2))
-
-
-def finish_wandb(output_dir: str) -> None:
-    """Record the W&B run (OUTPUT_DIR/wandb_run.json, for evaluation) and close it."""
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is not None:
-        if is_main_process():
-            write_atomic(Path(output_dir) / WANDB_RUN, json.dumps(
-                {"id": wandb.run.id, "project": wandb.run.project, "name": wandb.run.name, "dir": wandb.run.dir}))
-        wandb.finish()

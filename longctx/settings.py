@@ -16,6 +16,8 @@ from transformers import TrainingArguments
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"
+
     model_name_or_path: str = field(
         default="Qwen/Qwen3-4B-Instruct-2507",
         metadata={"help": "Base model: a hub id or a local directory with config + weights."},
@@ -40,6 +42,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
+
     train_file: str | None = field(
         default=None, metadata={"help": "Training records, .jsonl/.json or .parquet (one record per line/row)."}
     )
@@ -71,6 +75,12 @@ class DataArguments:
         metadata={"help": "error: stop before training at the first unusable record (file, line, field, fix). "
                           "skip: leave such records out and list them in OUTPUT_DIR/bad_records.jsonl."},
     )
+    datasets_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where datasets caches the tokenized corpus (default: HF_DATASETS_CACHE, else "
+                          "~/.cache/huggingface/datasets). Rank 0 of the whole job tokenizes first and the others "
+                          "read its cache: with several machines, put it on the shared filesystem."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
     preprocessing_num_workers: int | None = field(
@@ -83,6 +93,8 @@ class DataArguments:
 
 @dataclass
 class LoraArguments:
+    _argument_group_name = "LoRA"
+
     lora_r: int = field(default=16, metadata={"help": "LoRA rank. Higher: more capacity and memory."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
@@ -96,6 +108,8 @@ class LoraArguments:
 class MemoryArguments:
     """Long-context memory switches (longctx/tiling.py, longctx/offload.py); `python -m longctx.planner --config ...`
     shows their effect."""
+
+    _argument_group_name = "memory (long context)"
 
     tiled_mlp: bool = field(
         default=False,
@@ -120,6 +134,8 @@ class MemoryArguments:
 
 @dataclass
 class GenerationArguments:
+    _argument_group_name = "evaluation (ROUGE: eval_checkpoint.py / eval_all_checkpoints.sh)"
+
     max_new_tokens: int = field(default=512, metadata={"help": "Longest generated summary (evaluation)."})
     generation_batch_size: int = field(
         default=1, metadata={"help": "Prompts generated together (left padded) in evaluation."}
@@ -128,28 +144,45 @@ class GenerationArguments:
 
 @dataclass
 class RunArguments:
+    _argument_group_name = "run (resume, overwrite, watchdog, preemption)"
+
     resume: Literal["auto", "never"] = field(
         default="auto",
-        metadata={"help": "auto: continue from the newest complete checkpoint in output_dir, if any. never: start "
-                          "fresh, and refuse an output_dir that already holds checkpoints unless overwrite is set."},
+        metadata={"help": "auto: continue the run in output_dir from its newest complete checkpoint, when the data "
+                          "and the settings that change the result are those it was started with (else a launch "
+                          "error naming what differs). never: refuse an output_dir that already holds a run."},
     )
     overwrite: bool = field(
         default=False,
-        metadata={"help": "With resume: never, delete the checkpoints, final adapter and reports already in "
-                          "output_dir before starting."},
+        metadata={"help": "Delete the run already in output_dir (checkpoints, final adapter, reports, W&B files, "
+                          "evaluation outputs) and start afresh, whatever resume says."},
     )
     watchdog_timeout_seconds: float | None = field(
         default=900,
-        metadata={"help": "The final save and teardown must finish within this time, or every thread's stack is "
-                          "written to the log and the process exits non-zero (no silent hang). Unset: no limit."},
+        metadata={"help": "The end of the run (the last eval and save, the final adapter, teardown) must finish "
+                          "within this time, or every thread's stack is written to the log and the process exits "
+                          "non-zero (no silent hang). Leave room for one evaluation. Unset: no limit."},
     )
     step_timeout_seconds: float | None = field(
         default=None,
-        metadata={"help": "Also guard each optimizer step with the watchdog (seconds; unset: off). Leave room for "
-                          "the slowest step, the first one included."},
+        metadata={"help": "Also guard every optimizer step, its eval and save included, with the watchdog "
+                          "(seconds; unset: off). Leave room for the slowest step, the first one included."},
+    )
+    save_every_minutes: float | None = field(
+        default=None,
+        metadata={"help": "Also save a checkpoint at the end of the first optimizer step that ends this many "
+                          "minutes after the last save (wall time, agreed by all ranks), on top of save_steps: at "
+                          "long context a step takes tens of minutes. Unset: save_steps only."},
     )
 
 
-DATACLASSES = (ModelArguments, DataArguments, LoraArguments, MemoryArguments, GenerationArguments, RunArguments,
-               TrainingArguments)
+class TrainingSettings(TrainingArguments):
+    """transformers' TrainingArguments, under a heading of its own in --help (after the project's settings)."""
+
+    _argument_group_name = "transformers TrainingArguments (optimizer, schedule, precision, logging, saving, eval loss)"
+
+
+# The order of --help: the project's settings first, then transformers'.
+DATACLASSES = (ModelArguments, DataArguments, LoraArguments, MemoryArguments, RunArguments, GenerationArguments,
+               TrainingSettings)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -14,3 +14,37 @@ count_gpus() {
 default_wandb_mode() {
   if [[ -n "${WANDB_API_KEY:-}" ]] || grep -qs "api.wandb.ai" "$HOME/.netrc"; then echo online; else echo offline; fi
 }
+
+# One line on stderr, exit 2: a launcher knob is wrong (named, with the fix).
+die() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+# `die` unless the knob's value is one of the words given: require_one_of NAME value word...
+require_one_of() {
+  local name="$1" value="$2" word
+  shift 2
+  for word in "$@"; do [[ "$value" == "$word" ]] && return 0; done
+  die "$name=$value; use one of: $*."
+}
+
+# `die` unless the knob's value is a whole number >= the minimum: require_int NAME value minimum
+require_int() {
+  [[ "$2" =~ ^[0-9]+$ && "$2" -ge "$3" ]] || die "$1=$2; use a whole number >= $3."
+}
+
+# --help of a launcher: the knobs between the `# knobs:` and `# end of knobs` lines of the script, each with its
+# value in this environment and its one-line meaning. Call after the knobs are set.
+print_knobs() {
+  local script="$1" line name meaning value
+  echo "Environment knobs, set before the command (e.g. NUM_PROCESSES=4 OUTPUT_DIR=/scratch/run1 bash ...);"
+  echo "each with its value in this environment (paths from the repository root) and its meaning:"
+  while IFS= read -r line; do
+    [[ "$line" =~ ^([A-Z_]+)=\"\$\{[A-Z_]+:-.*\}\"[[:space:]]*#[[:space:]]*(.*)$ ]] || continue
+    name="${BASH_REMATCH[1]}"
+    meaning="${BASH_REMATCH[2]}"
+    value="${!name:-(empty)}"
+    printf '  %-22s %-34s %s\n' "$name" "${value#"$REPO_ROOT"/}" "$meaning"
+  done < <(sed -n '/^# knobs:/,/^# end of knobs/p' "$script")
+}

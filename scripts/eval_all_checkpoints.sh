@@ -17,19 +17,34 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXP_NAME="$(basename "$EXP_DIR")"
 
 source "$REPO_ROOT/scripts/common.sh"
-CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-}"          # e.g. 0,1,2,3; empty: every GPU of the machine
-[[ -n "$CUDA_VISIBLE_DEVICES" ]] && export CUDA_VISIBLE_DEVICES
 GPUS_FOUND="$(count_gpus)"
 
+# knobs:
 OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"                # the training run to score
 CONFIG="${CONFIG:-}"                                      # empty: the run's own settings (OUTPUT_DIR/run_config.yaml)
 NUM_PROCESSES="${NUM_PROCESSES:-$(( GPUS_FOUND > 0 ? GPUS_FOUND : 1 ))}"  # each generates its share of the data
+CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-}"          # GPUs to use, e.g. 0,1; empty: every GPU
 MASTER_PORT="${MASTER_PORT:-29511}"                       # differs from training's 29500: both can run at once
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-}"                    # empty: 1 per process when several share a CPU
-WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"
-WANDB_MODE="${WANDB_MODE:-}"                              # empty: offline without credentials
-PYTHON="${PYTHON:-python}"
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-}"                    # CPU threads per process; empty: 1 if several share a CPU
+WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"       # W&B project
+WANDB_MODE="${WANDB_MODE:-}"                              # online | offline; empty: offline without credentials
 DRY_RUN="${DRY_RUN:-0}"                                   # 1: print the command and exit without running it
+PYTHON="${PYTHON:-python}"                                # the Python of the project's environment
+# end of knobs
+
+for arg in "$@"; do
+  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+    print_knobs "${BASH_SOURCE[0]}"
+    echo
+    echo "Settings: any setting of the run's config is also a flag (e.g. --max_new_tokens 256), plus --force,"
+    echo "  --follow and the other evaluation options: $PYTHON $EXP_DIR/eval_checkpoint.py --help"
+    exit 0
+  fi
+done
+require_int NUM_PROCESSES "$NUM_PROCESSES" 1
+require_int MASTER_PORT "$MASTER_PORT" 1
+[[ -n "$CUDA_VISIBLE_DEVICES" ]] && export CUDA_VISIBLE_DEVICES
+[[ "$GPUS_FOUND" -eq 0 ]] && export DS_ACCELERATOR=cpu  # DeepSpeed would warn that it found no GPU: none is expected
 
 cd "$REPO_ROOT"
 if [[ -z "$CONFIG" ]]; then
@@ -47,8 +62,9 @@ fi
 SCRIPT=("$EXP_DIR/eval_checkpoint.py" --config "$CONFIG" --run_dir "$OUTPUT_DIR" --all_checkpoints)
 if [[ "$NUM_PROCESSES" -gt 1 ]]; then
   # --multi_gpu is what starts N processes; on a CPU-only machine they join a gloo group (--cpu would start one).
-  LAUNCH=(accelerate launch --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1
+  LAUNCH=(accelerate launch --quiet --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1
           --main_process_port "$MASTER_PORT" --dynamo_backend no --mixed_precision no)
+  [[ "$GPUS_FOUND" -eq 0 ]] && LAUNCH+=(--num_cpu_threads_per_process "${OMP_NUM_THREADS:-1}")
 else
   LAUNCH=("$PYTHON")
 fi

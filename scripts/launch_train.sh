@@ -1,132 +1,175 @@
 #!/usr/bin/env bash
 # Shared training launcher; experiments call it from their launch_train.sh:
 #   bash scripts/launch_train.sh experiments/009_text_summary [--any_setting value ...]
-# Every knob is an environment variable with its default below; flags after the experiment folder are
-# settings from config.yaml (`train_cluster.py --help` lists them) and win over the file.
+#   bash experiments/009_text_summary/launch_train.sh --help        # the knobs below, then where the settings are
+# Every knob is an environment variable with its default below; flags after the experiment folder are settings from
+# config.yaml (`train_cluster.py --help` lists them) and win over the file.
+# Order: knobs checked -> preflight (python -m longctx.preflight: settings, every data record, OUTPUT_DIR, run plan;
+# one line and exit 2 on a mistake, 3 when the plan does not fit) -> the launch -> the training's status and reason.
+# Exit status: 0 finished, 1 failed, 2 bad input, 3 plan does not fit, 75 stopped for a signal with a checkpoint.
 set -euo pipefail
 
 EXP_DIR="$(cd "${1:?usage: launch_train.sh EXPERIMENT_DIR [--setting value ...]}" && pwd)"
 shift
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXP_NAME="$(basename "$EXP_DIR")"
-
 source "$REPO_ROOT/scripts/common.sh"
-CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-}"          # e.g. 0,1,2,3; empty: every GPU of the machine
-[[ -n "$CUDA_VISIBLE_DEVICES" ]] && export CUDA_VISIBLE_DEVICES
 GPUS_FOUND="$(count_gpus)"
 
-CONFIG="${CONFIG:-$EXP_DIR/config.yaml}"                # the experiment's settings
-OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"                # checkpoints, final_adapter, reports, W&B files
-NUM_PROCESSES="${NUM_PROCESSES:-$(( GPUS_FOUND > 0 ? GPUS_FOUND : 1 ))}"  # per machine: one per GPU
-NUM_MACHINES="${NUM_MACHINES:-1}"                         # multi-node: run this script on every machine
-MACHINE_RANK="${MACHINE_RANK:-0}"                         # 0 .. NUM_MACHINES-1
+# knobs:
+CONFIG="${CONFIG:-$EXP_DIR/config.yaml}"                  # the experiment's settings file
+OUTPUT_DIR="${OUTPUT_DIR:-runs/$EXP_NAME}"                # one run: checkpoints, final_adapter, reports, W&B files
+NUM_PROCESSES="${NUM_PROCESSES:-$(( GPUS_FOUND > 0 ? GPUS_FOUND : 1 ))}"  # processes per machine, one per GPU
+CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-}"          # GPUs to use, e.g. 0,1,2,3; empty: every GPU
+NUM_MACHINES="${NUM_MACHINES:-1}"                         # machines of the job; run this on each of them
+MACHINE_RANK="${MACHINE_RANK:-0}"                         # this machine: 0 .. NUM_MACHINES-1
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"                   # address of machine 0, reachable from the others
-MASTER_PORT="${MASTER_PORT:-29500}"
-LAUNCHER="${LAUNCHER:-accelerate}"                        # accelerate | deepspeed
-USE_DEEPSPEED="${USE_DEEPSPEED:-auto}"                    # auto: ZeRO-2 on GPUs or with >1 process; 1 | 0
-DS_CONFIG="${DS_CONFIG:-$EXP_DIR/ds_config_zero2.json}"
-REQUIRE_GPU="${REQUIRE_GPU:-0}"                           # 1: refuse to start without CUDA GPUs
-WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"
+MASTER_PORT="${MASTER_PORT:-29500}"                       # rendezvous port on machine 0
+LAUNCHER="${LAUNCHER:-accelerate}"                        # accelerate | deepspeed (one machine only)
+USE_DEEPSPEED="${USE_DEEPSPEED:-auto}"                    # auto: ZeRO-2 with GPUs or several processes; 1 | 0
+DS_CONFIG="${DS_CONFIG:-$EXP_DIR/ds_config_zero2.json}"   # DeepSpeed config when DeepSpeed is on
+REQUIRE_GPU="${REQUIRE_GPU:-0}"                           # 1: refuse to train without CUDA GPUs (009 sets it)
+RESUME="${RESUME:-auto}"                                  # auto: continue the same run in OUTPUT_DIR | never
+OVERWRITE="${OVERWRITE:-0}"                               # 1: delete the run in OUTPUT_DIR and start afresh
+PLAN="${PLAN:-check}"                                     # check: stop if the plan does not fit | 1: print it, exit | 0
+PLAN_OVERRIDE="${PLAN_OVERRIDE:-0}"                       # 1: launch even when the plan does not fit
+PREEMPT_GRACE_SECONDS="${PREEMPT_GRACE_SECONDS:-7200}"    # after SIGTERM/SIGUSR1: time to finish the step and save
+WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"       # W&B project
 WANDB_MODE="${WANDB_MODE:-}"                              # online | offline; empty: offline without credentials
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-}"                    # empty: 1 per process when several share a CPU
-RESUME="${RESUME:-auto}"                                  # auto: continue from the newest complete checkpoint; never
-OVERWRITE="${OVERWRITE:-0}"                               # 1 (with RESUME=never): delete the old run's checkpoints
-DRY_RUN="${DRY_RUN:-0}"                                   # 1: print the command and exit without running it
-PLAN="${PLAN:-check}"                                     # 1: print memory plan, exit 0; check: stop if no fit; 0: off
-PLAN_OVERRIDE="${PLAN_OVERRIDE:-0}"                       # 1: launch even when the memory plan does not fit
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-}"                    # CPU threads per process; empty: 1 if several share a CPU
+DRY_RUN="${DRY_RUN:-0}"                                   # 1: check, print the command, run nothing
+PYTHON="${PYTHON:-python}"                                # the Python of the project's environment
+# end of knobs
 
-cd "$REPO_ROOT"
-export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-
-# Per-GPU memory plan (python -m longctx.planner): reads the config and the architecture, loads no weights and no
-# CUDA. Planned for a GPU when the machine has one or the experiment requires one, else for the CPU (never blocks).
-run_planner() {
-  local device=cpu extra=()
-  if [[ "$GPUS_FOUND" -gt 0 || "$REQUIRE_GPU" == "1" ]]; then
-    device=cuda
-    local mib
-    mib="$( (nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null || true) | head -n 1)"
-    mib="$(tr -dc '0-9' <<<"$mib")"
-    [[ "${mib:-0}" -ge 1024 ]] && extra+=(--gpu_memory_gib "$(awk -v m="$mib" 'BEGIN { printf "%.1f", m / 1024 }')")
-    [[ "$USE_DEEPSPEED" != "0" ]] && extra+=(--deepspeed "$DS_CONFIG")
+for arg in "$@"; do
+  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+    print_knobs "${BASH_SOURCE[0]}"
+    echo
+    echo "Settings: every key of $CONFIG is also a flag after the script, e.g. --learning_rate 5e-5;"
+    echo "  all of them, grouped (model, data, LoRA, memory, run, evaluation, then transformers' TrainingArguments):"
+    echo "  $PYTHON $EXP_DIR/train_cluster.py --help"
+    echo "Exit status: 0 finished, 1 failed, 2 bad input, 3 plan does not fit, 75 stopped for a signal (resumable)."
+    exit 0
   fi
-  "${PYTHON:-python}" -m longctx.planner --config "$CONFIG" --experiment_dir "$EXP_DIR" --device "$device" \
-    --num_gpus "$(( NUM_PROCESSES * NUM_MACHINES ))" ${extra[@]+"${extra[@]}"} "$@"
-}
-if [[ "$PLAN" == "1" ]]; then
-  status=0
-  run_planner "$@" || status=$?
-  exit $(( status == 3 ? 0 : status ))  # 3 = does not fit: printed, which is all PLAN=1 asks for
-fi
+done
 
-if [[ "$GPUS_FOUND" -eq 0 && "$REQUIRE_GPU" == "1" ]]; then
-  echo "error: $EXP_NAME is sized for CUDA GPUs and this machine has none (nvidia-smi found no GPU)." >&2
-  echo "       To run the same code path on a CPU in minutes: bash experiments/000_tiny_smoke/launch_train.sh" >&2
-  exit 1
+require_one_of LAUNCHER "$LAUNCHER" accelerate deepspeed
+require_one_of USE_DEEPSPEED "$USE_DEEPSPEED" auto 0 1
+require_one_of RESUME "$RESUME" auto never
+require_one_of OVERWRITE "$OVERWRITE" 0 1
+require_one_of PLAN "$PLAN" check 1 0
+require_int NUM_PROCESSES "$NUM_PROCESSES" 1
+require_int NUM_MACHINES "$NUM_MACHINES" 1
+require_int MASTER_PORT "$MASTER_PORT" 1
+require_int PREEMPT_GRACE_SECONDS "$PREEMPT_GRACE_SECONDS" 0
+[[ "$MACHINE_RANK" =~ ^[0-9]+$ && "$MACHINE_RANK" -lt "$NUM_MACHINES" ]] ||
+  die "MACHINE_RANK=$MACHINE_RANK; with NUM_MACHINES=$NUM_MACHINES use 0 .. $(( NUM_MACHINES - 1 )) (machine 0 at MASTER_ADDR)."
+if [[ "$LAUNCHER" == "deepspeed" && "$NUM_MACHINES" -gt 1 ]]; then
+  die "LAUNCHER=deepspeed with NUM_MACHINES=$NUM_MACHINES: DeepSpeed's runner starts the other machines over ssh/pdsh from a hostfile; use LAUNCHER=accelerate (the default) on every machine: one job through torchrun's rendezvous, no ssh."
 fi
-if [[ "$LAUNCHER" != "accelerate" && "$LAUNCHER" != "deepspeed" ]]; then
-  echo "error: LAUNCHER=$LAUNCHER; use accelerate or deepspeed." >&2
-  exit 2
-fi
+[[ -n "$CUDA_VISIBLE_DEVICES" ]] && export CUDA_VISIBLE_DEVICES
 if [[ "$USE_DEEPSPEED" == "auto" ]]; then
   USE_DEEPSPEED=$(( GPUS_FOUND > 0 || NUM_PROCESSES * NUM_MACHINES > 1 ? 1 : 0 ))
 fi
-if [[ "$LAUNCHER" == "deepspeed" && "$USE_DEEPSPEED" != "1" ]]; then
-  echo "error: LAUNCHER=deepspeed needs USE_DEEPSPEED=1 (or auto)." >&2
-  exit 2
+[[ "$LAUNCHER" == "deepspeed" && "$USE_DEEPSPEED" != "1" ]] && die "LAUNCHER=deepspeed needs USE_DEEPSPEED=1 (or auto)."
+
+cd "$REPO_ROOT"
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+SETTINGS=(--config "$CONFIG" --output_dir "$OUTPUT_DIR" --resume "$RESUME")
+[[ "$USE_DEEPSPEED" == "1" ]] && SETTINGS+=(--deepspeed "$DS_CONFIG")
+SETTINGS+=("$@")
+
+# The preflight's view of this launch: planned for a GPU when the machine has one or the experiment requires one.
+FACTS=(--world_size "$(( NUM_PROCESSES * NUM_MACHINES ))" --machine_rank "$MACHINE_RANK" --experiment_dir "$EXP_DIR")
+if [[ "$GPUS_FOUND" -gt 0 || "$REQUIRE_GPU" == "1" ]]; then
+  FACTS+=(--device cuda)
+  mib="$( (nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null || true) | head -n 1)"
+  mib="$(tr -dc '0-9' <<<"$mib")"
+  [[ "${mib:-0}" -ge 1024 ]] && FACTS+=(--gpu_memory_gib "$(awk -v m="$mib" 'BEGIN { printf "%.1f", m / 1024 }')")
+  [[ "$GPUS_FOUND" -gt 0 ]] && FACTS+=(--num_gpus "$(( NUM_PROCESSES * NUM_MACHINES ))")
+else
+  FACTS+=(--device cpu)
+fi
+preflight() { "$PYTHON" -m longctx.preflight "${FACTS[@]}" "$@" -- "${SETTINGS[@]}"; }
+
+if [[ "$PLAN" == "1" ]]; then
+  preflight --plan only   # the plan for the machine the experiment is written for, whatever this machine has
+  exit
+fi
+if [[ "$GPUS_FOUND" -eq 0 && "$REQUIRE_GPU" == "1" ]]; then
+  die "$EXP_NAME is sized for CUDA GPUs and this machine has none (nvidia-smi found no GPU); PLAN=1 prints its plan here, and bash experiments/000_tiny_smoke/launch_train.sh runs the same code path on a CPU in minutes."
 fi
 if [[ -z "$OMP_NUM_THREADS" && "$GPUS_FOUND" -eq 0 && "$NUM_PROCESSES" -gt 1 ]]; then
   OMP_NUM_THREADS=1  # processes sharing CPU cores oversubscribe them otherwise (8x slower measured)
 fi
 [[ -n "$OMP_NUM_THREADS" ]] && export OMP_NUM_THREADS
-
+[[ "$GPUS_FOUND" -eq 0 ]] && export DS_ACCELERATOR=cpu  # DeepSpeed would warn that it found no GPU: none is expected
 [[ -z "$WANDB_MODE" ]] && WANDB_MODE="$(default_wandb_mode)"
 export WANDB_PROJECT WANDB_MODE WANDB_DIR="${WANDB_DIR:-$OUTPUT_DIR}"
-
-SCRIPT_ARGS=(--config "$CONFIG" --output_dir "$OUTPUT_DIR" --resume "$RESUME")
-[[ "$OVERWRITE" == "1" ]] && SCRIPT_ARGS+=(--overwrite true)
-[[ "$USE_DEEPSPEED" == "1" ]] && SCRIPT_ARGS+=(--deepspeed "$DS_CONFIG")
+# torchrun's agent forwards SIGUSR1 as well as SIGTERM to the ranks, and gives them this long to save and exit.
+export PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" PET_SHUTDOWN_TIMEOUT="$PREEMPT_GRACE_SECONDS"
 
 if [[ "$LAUNCHER" == "deepspeed" ]]; then
-  LAUNCH=(deepspeed --num_nodes "$NUM_MACHINES" --num_gpus "$NUM_PROCESSES" --master_addr "$MASTER_ADDR"
-          --master_port "$MASTER_PORT")
-  # Multi-node: started on every machine like the accelerate path (no hostfile or pdsh needed).
-  [[ "$NUM_MACHINES" -gt 1 ]] && LAUNCH+=(--no_ssh --node_rank "$MACHINE_RANK")
+  LAUNCH=(deepspeed --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+  if [[ -n "$CUDA_VISIBLE_DEVICES" ]]; then
+    # --num_gpus would make DeepSpeed's runner drop CUDA_VISIBLE_DEVICES and take GPUs 0..N-1
+    LAUNCH+=(--include "localhost:$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | head -n "$NUM_PROCESSES" | paste -sd,)")
+  else
+    LAUNCH+=(--num_gpus "$NUM_PROCESSES")
+  fi
+elif [[ "$NUM_PROCESSES" -eq 1 && "$NUM_MACHINES" -eq 1 && "$USE_DEEPSPEED" != "1" ]]; then
+  LAUNCH=("$PYTHON")  # one process, no DeepSpeed: accelerate launch would only wrap it
 else
-  LAUNCH=(accelerate launch --num_processes "$(( NUM_PROCESSES * NUM_MACHINES ))" --num_machines "$NUM_MACHINES"
-          --machine_rank "$MACHINE_RANK" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"
-          --dynamo_backend no --mixed_precision no)
+  LAUNCH=(accelerate launch --quiet --num_processes "$(( NUM_PROCESSES * NUM_MACHINES ))" --num_machines
+          "$NUM_MACHINES" --machine_rank "$MACHINE_RANK" --main_process_ip "$MASTER_ADDR" --main_process_port
+          "$MASTER_PORT" --dynamo_backend no --mixed_precision no)
   if [[ "$USE_DEEPSPEED" == "1" ]]; then
     LAUNCH+=(--use_deepspeed --deepspeed_config_file "$DS_CONFIG")
-  elif [[ "$NUM_PROCESSES" -gt 1 || "$NUM_MACHINES" -gt 1 ]]; then
+    # several machines: torchrun's rendezvous on each machine (no pdsh/ssh, no .deepspeed_env file written)
+    [[ "$NUM_MACHINES" -gt 1 ]] && LAUNCH+=(--deepspeed_multinode_launcher standard)
+  else
     LAUNCH+=(--multi_gpu)
   fi
-  [[ "$GPUS_FOUND" -eq 0 && "$USE_DEEPSPEED" != "1" && "$NUM_PROCESSES" -eq 1 ]] && LAUNCH+=(--cpu)
+  [[ "$GPUS_FOUND" -eq 0 ]] && LAUNCH+=(--num_cpu_threads_per_process "${OMP_NUM_THREADS:-1}")
 fi
 
-if [[ "$PLAN" != "0" ]]; then
-  status=0
-  run_planner "$@" || status=$?
-  if [[ "$status" -eq 3 && "$PLAN_OVERRIDE" != "1" ]]; then
-    echo "error: the memory plan above does not fit one GPU; use a switch or value it suggests," >&2
-    echo "       or PLAN_OVERRIDE=1 to launch anyway (PLAN=0 skips the plan)." >&2
-    exit 3
-  elif [[ "$status" -eq 3 ]]; then
-    echo "warning: the memory plan does not fit; launching anyway (PLAN_OVERRIDE=1)." >&2
-  elif [[ "$status" -eq 2 ]]; then
-    exit 2  # a bad setting (named above): caught here, before any process group or model load
-  elif [[ "$status" -ne 0 ]]; then
-    echo "warning: no memory plan (exit $status, reason above); launching anyway." >&2
-  fi
+if [[ "$PLAN" == "check" ]]; then CHECK=(--plan check); else CHECK=(--plan off); fi
+[[ "$OVERWRITE" == "1" && "$DRY_RUN" != "1" ]] && CHECK+=(--overwrite true)
+status=0
+preflight "${CHECK[@]}" || status=$?
+if [[ "$status" -eq 3 && "$PLAN_OVERRIDE" == "1" ]]; then
+  echo "warning: the plan does not fit; launching anyway (PLAN_OVERRIDE=1)." >&2
+elif [[ "$status" -eq 3 ]]; then
+  die "the plan above does not fit; use a switch or value it suggests, or PLAN_OVERRIDE=1 to launch anyway."
+elif [[ "$status" -ne 0 ]]; then
+  exit "$status"  # the reason is the line above
 fi
 
-echo "+ $(printf '%q ' "${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SCRIPT_ARGS[@]}" "$@")"
+echo "+ $(printf '%q ' "${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SETTINGS[@]}")"
 echo "  (W&B mode: $WANDB_MODE, project: $WANDB_PROJECT; OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset})"
 [[ "$DRY_RUN" == "1" ]] && exit 0
+
+# The launch runs in its own process group; SIGTERM / SIGUSR1 / SIGINT to this script go to all of it (the ranks
+# stop at the end of their optimizer step with a checkpoint), and the script waits for it to end.
+export LONGCTX_STATUS_DIR="$(mktemp -d)"
+trap 'rm -rf "$LONGCTX_STATUS_DIR"' EXIT
 mkdir -p "$OUTPUT_DIR"
+set -m
+"${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SETTINGS[@]}" &
+child=$!
+set +m
+for sig in TERM USR1 INT; do
+  trap "kill -s $sig -- -$child 2>/dev/null || true" "$sig"
+done
+launch_status=0
+wait "$child" || launch_status=$?
+while kill -0 "$child" 2>/dev/null; do  # a signal interrupted `wait`: keep waiting for the launch itself
+  launch_status=0
+  wait "$child" || launch_status=$?
+done
 status=0
-"${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SCRIPT_ARGS[@]}" "$@" || status=$?
-if [[ "$WANDB_MODE" == "offline" && -d "$WANDB_DIR/wandb" ]]; then
-  echo "W&B ran offline; to upload later: wandb sync $WANDB_DIR/wandb/offline-run-*"
+"$PYTHON" -m longctx.status "$LONGCTX_STATUS_DIR" "$launch_status" || status=$?  # the reason, as the last line
+if [[ "$WANDB_MODE" == "offline" && "$OUTPUT_DIR/wandb_run.json" -nt "$LONGCTX_STATUS_DIR" ]]; then
+  echo "W&B ran offline; to upload: wandb sync $OUTPUT_DIR/wandb/offline-run-*"
 fi
 exit "$status"

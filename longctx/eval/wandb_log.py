@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..distributed import print0
 from ..metrics import rouge_per_example
-from ..rundir import WANDB_RUN  # written by training with the W&B run's id and project
+from ..tracking import WANDB_RUN  # written by training with the W&B run's id and project
 
 if TYPE_CHECKING:
     from .generation import Prompt
