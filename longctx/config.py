@@ -46,8 +46,10 @@ class SettingsParser(HfArgumentParser):
 
 
 def build_parser(dataclass_types=DATACLASSES) -> HfArgumentParser:
-    parser = SettingsParser(dataclass_types, description=__doc__.split("\n\n")[0] + " The project's settings come "
-                            "first, by group; transformers' TrainingArguments last.")
+    parser = SettingsParser(
+        dataclass_types, usage="%(prog)s --config CONFIG.yaml [--setting value ...]",
+        description="Every key of config.yaml is also a flag; precedence: code default < config.yaml < flag. The "
+                    "project's settings come first, by group; transformers' TrainingArguments last.")
     parser.add_argument("--config", default=None, help="config.yaml with values for any of the settings below.")
     return parser
 

@@ -70,6 +70,5 @@ class PreemptionCallback(TrainerCallback):
     def outcome(self) -> Preempted | None:
         if self.stopped_at_step is None:
             return None
-        why = self.requested.name if self.requested is not None else "a signal to another rank"
-        return Preempted(f"stopped for {why} at step {self.stopped_at_step}: checkpoint-{self.stopped_at_step} "
-                         f"is saved; relaunch the same command to resume from it (exit status 75)")
+        return Preempted(f"stopped for SIGTERM/SIGUSR1 at step {self.stopped_at_step}: checkpoint-"
+                         f"{self.stopped_at_step} is saved; relaunch the same command to resume from it")

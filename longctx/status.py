@@ -40,14 +40,19 @@ def record(status: int, reason: str) -> bool:
 
 
 def first_recorded(directory: str | os.PathLike) -> dict | None:
-    """The earliest record of a launch (the root cause when one rank's failure made the others fail), or None."""
+    """The earliest record of a launch (the root cause when one rank's failure made the others fail), or None;
+    `ranks` lists every rank of this machine that recorded the same status and reason."""
     records = []
     for path in Path(directory).glob("rank-*.json"):
         try:
             records.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-    return min(records, key=lambda r: (r["time"], r["rank"])) if records else None
+    if not records:
+        return None
+    first = min(records, key=lambda r: (r["time"], r["rank"]))
+    same = sorted(r["rank"] for r in records if (r["status"], r["reason"]) == (first["status"], first["reason"]))
+    return {**first, "ranks": same}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"or out of memory?); see the output above.", file=sys.stderr)
         return int(launch_status)
     stream = sys.stdout if found["status"] in (OK, PREEMPTED) else sys.stderr
-    print(found["reason"], file=stream)
+    alike = f" (the same on ranks {', '.join(map(str, found['ranks']))})" if len(found["ranks"]) > 1 else ""
+    print(found["reason"] + alike, file=stream)
     return int(found["status"])
 
 

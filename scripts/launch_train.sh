@@ -83,7 +83,7 @@ SETTINGS+=("$@")
 FACTS=(--world_size "$(( NUM_PROCESSES * NUM_MACHINES ))" --machine_rank "$MACHINE_RANK" --experiment_dir "$EXP_DIR")
 if [[ "$GPUS_FOUND" -gt 0 || "$REQUIRE_GPU" == "1" ]]; then
   FACTS+=(--device cuda)
-  mib="$( (nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null || true) | head -n 1)"
+  mib="$( (nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null || true) | sed -n 1p)"
   mib="$(tr -dc '0-9' <<<"$mib")"
   [[ "${mib:-0}" -ge 1024 ]] && FACTS+=(--gpu_memory_gib "$(awk -v m="$mib" 'BEGIN { printf "%.1f", m / 1024 }')")
   [[ "$GPUS_FOUND" -gt 0 ]] && FACTS+=(--num_gpus "$(( NUM_PROCESSES * NUM_MACHINES ))")
@@ -113,7 +113,7 @@ if [[ "$LAUNCHER" == "deepspeed" ]]; then
   LAUNCH=(deepspeed --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
   if [[ -n "$CUDA_VISIBLE_DEVICES" ]]; then
     # --num_gpus would make DeepSpeed's runner drop CUDA_VISIBLE_DEVICES and take GPUs 0..N-1
-    LAUNCH+=(--include "localhost:$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | head -n "$NUM_PROCESSES" | paste -sd,)")
+    LAUNCH+=(--include "localhost:$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | sed -n "1,${NUM_PROCESSES}p" | paste -sd,)")
   else
     LAUNCH+=(--num_gpus "$NUM_PROCESSES")
   fi

@@ -44,6 +44,18 @@ def tiny_model(tiny_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, tiny_dir) -> tuple[Path, "subprocess.CompletedProcess"]:
+    """000 trained once with launching.REFERENCE (one process, W&B offline): (its OUTPUT_DIR, the launcher's
+    output). Tests read it, never write into it (copy it first)."""
+    from launching import REFERENCE, TRAIN_000, run
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = run(["bash", TRAIN_000, *REFERENCE], OUTPUT_DIR=str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     """Write records (dicts, or raw str lines written as they are) one per line."""
     path.parent.mkdir(parents=True, exist_ok=True)

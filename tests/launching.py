@@ -20,6 +20,12 @@ EXP_000 = REPO_ROOT / "experiments" / "000_tiny_smoke"
 TRAIN_000 = EXP_000 / "launch_train.sh"
 EVAL_000 = EXP_000 / "eval_all_checkpoints.sh"
 LAUNCH = REPO_ROOT / "scripts" / "launch_train.sh"
+# The reference run (session fixture `reference_run`): 16 records of 000, the first 2 too long (dropped), so 14
+# samples; gradient accumulation 2 (000's default): 7 optimizer steps, a loss and grad_norm logged at each,
+# checkpoints at 3, 6, 7 and an eval at the same steps; fp32 with deterministic algorithms. Other runs that must
+# give the same numbers (more processes, machines, a resume) are compared with it.
+REFERENCE = ["--max_train_samples", "16", "--max_eval_samples", "4", "--num_train_epochs", "1", "--save_steps", "3",
+             "--eval_steps", "3", "--logging_steps", "1", "--full_determinism", "true"]
 
 
 def run(cmd: list, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
@@ -99,3 +105,23 @@ def wandb_records(run_dir: Path) -> list[dict]:
     proc = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
                           timeout=120, check=True)
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def step_metrics(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """step -> (loss, grad_norm) from the newest checkpoint's trainer_state.json (the whole run's log history)."""
+    from longctx import checkpoints
+
+    last = checkpoints.find_checkpoints(run_dir, include_final=False, warn=lambda _: None)[-1]
+    history = checkpoints.read_trainer_state(last.path)["log_history"]
+    return {row["step"]: (row["loss"], row["grad_norm"]) for row in history if "loss" in row}
+
+
+def assert_same_steps(got: dict, expected: dict, atol: float = 1e-5) -> float:
+    """The same steps with the same loss and grad_norm (to atol); returns the largest difference seen."""
+    assert sorted(got) == sorted(expected), (sorted(got), sorted(expected))
+    worst = 0.0
+    for step in expected:
+        for name, a, b in zip(("loss", "grad_norm"), got[step], expected[step]):
+            assert abs(a - b) <= atol, f"step {step}: {name} {a} vs {b}"
+            worst = max(worst, abs(a - b))
+    return worst

@@ -10,7 +10,7 @@ import pytest
 from transformers import TrainingArguments
 
 from conftest import REPO_ROOT, subprocess_env, write_jsonl
-from longctx.config import ConfigError, parse_config, validate
+from longctx.config import ConfigError, by_type, parse_config, validate
 from longctx.settings import DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments
 
 CONFIG_000 = REPO_ROOT / "experiments" / "000_tiny_smoke" / "config.yaml"
@@ -25,10 +25,6 @@ def bf16_gpu(monkeypatch):
     import transformers.training_args
 
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda *a, **k: True)
-
-
-def by_class(parsed) -> dict[type, object]:
-    return {type(obj): obj for obj in parsed}
 
 
 def parse_009(*flags: str):
@@ -70,7 +66,7 @@ def test_abbreviated_flag_is_not_silently_taken_for_a_setting(tmp_path):
     except ConfigError as err:
         assert "--max_seq_len" in str(err) and "'--max_seq_length'" in str(err)
     else:
-        value = by_class(parsed)[DataArguments].max_seq_length
+        value = by_type(parsed)[DataArguments].max_seq_length
         pytest.fail(f"unknown flag --max_seq_len was accepted as an abbreviation (max_seq_length = {value}); "
                     f"build the parsers with allow_abbrev=False")
 
@@ -81,7 +77,7 @@ def test_tolerated_keys_are_returned_as_extra_not_rejected(tmp_path):
     parsed, path, extra = parse_config(["--config", str(config)], tolerated_keys={"my_eval_only_key"})
     assert extra == {"my_eval_only_key": 3}
     assert path == str(config)
-    assert by_class(parsed)[LoraArguments].lora_r == 8
+    assert by_type(parsed)[LoraArguments].lora_r == 8
 
 
 # --- precedence: code default < config.yaml < flag ----------------------------------------------------------------
@@ -91,7 +87,7 @@ def test_precedence_default_then_yaml_then_flag(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(f"output_dir: {tmp_path / 'out'}\nlora_alpha: 7\nmax_seq_length: 2048\nlearning_rate: 0.5\n")
     parsed, path, extra = parse_config(["--config", str(config), "--max_seq_length", "512", "--learning_rate", "0.25"])
-    args = by_class(parsed)
+    args = by_type(parsed)
     data, lora, gen, training = (args[DataArguments], args[LoraArguments], args[GenerationArguments],
                                  args[TrainingArguments])
     # code default: in neither the file nor the flags
@@ -109,7 +105,7 @@ def test_precedence_default_then_yaml_then_flag(tmp_path):
 def test_flags_alone_without_config_file(tmp_path):
     parsed, path, extra = parse_config(["--output_dir", str(tmp_path), "--lora_r", "4"])
     assert path is None and extra == {}
-    assert by_class(parsed)[LoraArguments].lora_r == 4
+    assert by_type(parsed)[LoraArguments].lora_r == 4
     assert [type(p) for p in parsed] == list(DATACLASSES)
 
 
@@ -123,7 +119,7 @@ def test_missing_config_file_is_a_config_error(tmp_path):
 
 def test_000_config_parses_to_its_file_values():
     parsed, path, extra = parse_config(["--config", str(CONFIG_000)])
-    args = by_class(parsed)
+    args = by_type(parsed)
     model, data, lora = args[ModelArguments], args[DataArguments], args[LoraArguments]
     training = args[TrainingArguments]
     assert model.model_name_or_path == ".cache/tiny_smoke/model"
@@ -135,7 +131,7 @@ def test_000_config_parses_to_its_file_values():
 
 def test_009_config_parses_to_the_reference_values(bf16_gpu):
     parsed, path, extra = parse_009()
-    args = by_class(parsed)
+    args = by_type(parsed)
     model, data, training = args[ModelArguments], args[DataArguments], args[TrainingArguments]
     assert model.model_name_or_path == "Qwen/Qwen3-4B-Instruct-2507"
     assert data.max_seq_length == 262144 and type(data.max_seq_length) is int
@@ -243,6 +239,13 @@ def test_train_cluster_help_lists_every_setting():
                  "activation_checkpointing", "output_dir"):
         assert f"--{name}" in output
     assert "--config" in output
+    # one heading per group, the project's first, transformers' TrainingArguments last
+    headings = [line[:-1] for line in output.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert headings == ["options", "model", "data", "LoRA", "memory (long context)",
+                        "run (resume, overwrite, watchdog, preemption)",
+                        "evaluation (ROUGE: eval_checkpoint.py / eval_all_checkpoints.sh)",
+                        "transformers TrainingArguments (optimizer, schedule, precision, logging, saving, eval loss)"]
+    assert "usage: train_cluster.py --config CONFIG.yaml [--setting value ...]" in output.splitlines()[:2]
 
 
 def test_train_cluster_rejects_typo_key_before_loading_anything(tmp_path):
@@ -274,5 +277,5 @@ def test_checking_settings_for_the_target_machine_touches_no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", no_gpu_setup)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     parsed, _, _ = parse_config(["--config", str(CONFIG_009)], check_this_machine=False)
-    training = by_class(parsed)[TrainingArguments]
+    training = by_type(parsed)[TrainingArguments]
     assert training.bf16 is True and training.per_device_train_batch_size == 1

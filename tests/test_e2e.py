@@ -1,6 +1,7 @@
 """End to end through the real launchers: train -> checkpoints -> final adapter -> eval_all_checkpoints.sh -> ROUGE
-rows that match rouge_score -> W&B offline run read back; the same from parquet files. Several processes (DDP and
-DeepSpeed ZeRO-2) are compared with one in test_equivalence.py."""
+rows that match rouge_score -> W&B offline run read back; the same from parquet files; no warning a user cannot act
+on. The run is the session's reference run (conftest.reference_run); several processes and machines are compared
+with it in test_equivalence.py."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import json
 from pathlib import Path
 
 import pytest
-from launching import EVAL_000 as EVAL, TRAIN_000 as TRAIN, run, wandb_records
+import shutil
+
+from conftest import REPO_ROOT
+from launching import (EVAL_000 as EVAL, REFERENCE, TRAIN_000 as TRAIN, assert_same_steps, run, step_metrics,
+                       wandb_records)
 from rouge_score import rouge_scorer
 
+from longctx.files import sha256_file
 from longctx.metrics import ROUGE_TYPES, sentences_per_line
 
 pytestmark = pytest.mark.e2e
-# Small but complete: 16 records (2 of them too long -> dropped), 7 optimizer steps, checkpoints at 3, 6, 7.
-QUICK = ["--max_train_samples", "16", "--max_eval_samples", "4", "--num_train_epochs", "1", "--save_steps", "3",
-         "--eval_steps", "3", "--logging_steps", "1"]
 
 
 def wandb_history(run_dir: Path) -> list[dict]:
@@ -24,12 +27,9 @@ def wandb_history(run_dir: Path) -> list[dict]:
     return [r["history"]["item"] for r in wandb_records(run_dir) if r.get("type") == "history"]
 
 
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory, tiny_dir):
-    out = tmp_path_factory.mktemp("run1")
-    proc = run(["bash", str(TRAIN), *QUICK], timeout=600, OUTPUT_DIR=str(out))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc
+@pytest.fixture()
+def single_run(reference_run):
+    return reference_run
 
 
 def test_single_process_writes_checkpoints_final_adapter_and_run_info(single_run):
@@ -86,8 +86,29 @@ def test_wandb_offline_run_has_train_and_eval_loss(single_run):
     assert "wandb sync" in proc.stdout
 
 
-def test_eval_all_checkpoints_rows_match_rouge_score(single_run):
+def test_wandb_config_holds_the_projects_settings_commit_and_data_hashes(single_run):
+    """Runs are compared on the dashboard by these: every resolved setting of the project (not only transformers'
+    TrainingArguments), the git commit, and the content hash of the data files."""
     out, _ = single_run
+    (folder,) = (out / "wandb").glob("offline-run-*")
+    config = {}
+    for record in wandb_records(folder):
+        if record.get("type") == "run":
+            config.update(record["run"]["config"]["update"])
+        elif record.get("type") == "config":
+            config.update(record["config"]["update"])
+    info = json.loads((out / "run_info.json").read_text())
+    assert config["max_seq_length"] == 1024 and config["length_policy"] == "drop" and config["tiled_mlp"] is False
+    assert config["train_file"] == ".cache/tiny_smoke/data/train.jsonl" and config["lora_r"] == 64
+    assert config["max_train_samples"] == 16 and config["watchdog_timeout_seconds"] == 900
+    assert config["git_commit"] == info["git"]["commit"] and len(config["git_commit"]) == 40
+    assert config["files_sha256"] == info["identity"]["files_sha256"]
+    assert config["files_sha256"]["train_file"] == sha256_file(REPO_ROOT / ".cache/tiny_smoke/data/train.jsonl")
+
+
+def test_eval_all_checkpoints_rows_match_rouge_score(single_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(single_run[0], out, symlinks=True)
     proc = run(["bash", str(EVAL), "--report_to", "none"], timeout=600, OUTPUT_DIR=str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "eval_results.jsonl").read_text().splitlines()]
@@ -108,11 +129,6 @@ def test_eval_all_checkpoints_rows_match_rouge_score(single_run):
     assert len(marked) == 1 and marked[0].startswith(best["checkpoint"])
 
 
-def step_losses(run_dir: Path) -> dict[int, float]:
-    state = json.loads((run_dir / "checkpoint-7" / "trainer_state.json").read_text())
-    return {row["step"]: row["loss"] for row in state["log_history"] if "loss" in row}
-
-
 def test_parquet_data_trains_and_scores_like_the_same_records_in_jsonl(single_run, tiny_dir, tmp_path):
     """The README documents parquet input: the same 16 training and 4 validation records as parquet files give the
     JSONL run's per-step losses, and evaluation reads the parquet validation file."""
@@ -127,19 +143,31 @@ def test_parquet_data_trains_and_scores_like_the_same_records_in_jsonl(single_ru
 
     train, validation = to_parquet("train", 16), to_parquet("validation", 4)
     out = tmp_path / "run"
-    proc = run(["bash", str(TRAIN), *QUICK, "--train_file", str(train), "--validation_file", str(validation),
-                   "--report_to", "none"], timeout=600, OUTPUT_DIR=str(out))
+    proc = run(["bash", TRAIN, *REFERENCE, "--train_file", train, "--validation_file", validation, "--report_to",
+                "none"], OUTPUT_DIR=str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "train: 16 records, 2 dropped, 0 truncated" in proc.stdout
-    expected, got = step_losses(single_run[0]), step_losses(out)
-    assert sorted(got) == sorted(expected) == list(range(1, 8))
-    assert all(abs(got[s] - expected[s]) <= 1e-5 for s in expected), (got, expected)
+    assert_same_steps(step_metrics(out), step_metrics(single_run[0]))
 
-    scored = run(["bash", str(EVAL), "--report_to", "none", "--max_new_tokens", "8"], timeout=600,
-                    OUTPUT_DIR=str(out))
+    scored = run(["bash", EVAL, "--report_to", "none", "--max_new_tokens", "8"], OUTPUT_DIR=str(out))
     assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "eval_results.jsonl").read_text().splitlines()]
     assert [r["checkpoint"] for r in rows] == ["checkpoint-3", "checkpoint-6", "checkpoint-7", "final_adapter"]
     assert all(r["num_examples"] == 4 and r["validation_file"] == str(validation) for r in rows)
     predictions = [json.loads(line) for line in (out / "final_adapter" / "eval_predictions.jsonl").open()]
     assert [p["id"] for p in predictions] == pq.read_table(validation).column("id").to_pylist()
+
+
+def test_the_quick_start_prints_no_warning(single_run, tmp_path):
+    """Every warning a quick-start run printed was one a user cannot act on (torch's pin_memory without an
+    accelerator, DeepSpeed's "no GPU found", accelerate's thread notice, peft's use of a deprecated transformers
+    name): each is silenced at its source. The same commands as the quick start, with fewer steps."""
+    out = tmp_path / "run"
+    shutil.copytree(single_run[0], out, symlinks=True)
+    scored = run(["bash", EVAL], OUTPUT_DIR=str(out))
+    assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
+    for proc in (single_run[1], scored):
+        lines = (proc.stdout + proc.stderr).splitlines()
+        assert [line for line in lines if "warning" in line.lower()] == []
+    plan = [line for line in single_run[1].stdout.splitlines() if line.startswith("plan:")]
+    assert plan == ["plan: CPU run, no GPU memory limit to check (PLAN=1 prints the estimate)"]
