@@ -72,7 +72,7 @@ class DataArguments:
     )
     on_bad_record: Literal["error", "skip"] = field(
         default="error",
-        metadata={"help": "error: stop before training at the first unusable record (file, line, field, fix). "
+        metadata={"help": "error: stop before training, naming every unusable record (file:line, field, fix). "
                           "skip: leave such records out and list them in OUTPUT_DIR/bad_records.jsonl."},
     )
     datasets_cache_dir: str | None = field(

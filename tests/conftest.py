@@ -45,7 +45,7 @@ def tiny_model(tiny_dir):
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, tiny_dir) -> tuple[Path, "subprocess.CompletedProcess"]:
+def reference_run(tmp_path_factory, tiny_dir) -> tuple[Path, object]:
     """000 trained once with launching.REFERENCE (one process, W&B offline): (its OUTPUT_DIR, the launcher's
     output). Tests read it, never write into it (copy it first)."""
     from launching import REFERENCE, TRAIN_000, run
