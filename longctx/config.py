@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import difflib
 import enum
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -178,6 +179,31 @@ def validate_memory(memory: MemoryArguments, training: TrainingArguments) -> Non
                f"processes) or set tiled_mlp: false.")
 
 
+# A boolean (batch, 1, seq, seq) mask above this many bytes is refused: at 1 GiB a padded batch of 2 prompts is about
+# 23,000 tokens long, far below long context, and the mask also keeps SDPA off its flash kernel.
+ATTENTION_MASK_LIMIT_BYTES = 2**30
+
+
+def validate_attention_masks(model: ModelArguments, data: DataArguments, gen: GenerationArguments) -> None:
+    """Settings that would build a seq x seq attention mask at long context. Training never does: its batches are
+    padded on the right, which causal attention never looks at, so the loss passes position_ids and no mask
+    (longctx.loss). Generation pads prompts on the left, and with more than one prompt per batch transformers' SDPA
+    attention then needs a (batch, 1, seq, seq) boolean mask, unless flash-attention (which takes the padding as
+    sequence lengths) is in use: `auto` uses it when the flash_attn package is installed."""
+    if gen.generation_batch_size == 1 or model.attn_implementation == "flash_attention_2":
+        return
+    if model.attn_implementation == "auto" and importlib.util.find_spec("flash_attn") is not None:
+        return
+    tokens = data.max_seq_length + gen.max_new_tokens
+    mask_bytes = gen.generation_batch_size * tokens ** 2
+    _check(mask_bytes <= ATTENTION_MASK_LIMIT_BYTES, "generation_batch_size", gen.generation_batch_size,
+           f"prompts are padded on the left, and without flash-attention transformers' SDPA attention then builds a "
+           f"boolean mask of generation_batch_size x (max_seq_length + max_new_tokens)^2 = "
+           f"{gen.generation_batch_size} x {tokens:,}^2 bytes = {mask_bytes / 2**30:.1f} GiB (the limit is 1 GiB); "
+           f"set generation_batch_size: 1 (one prompt per batch needs no padding and no mask), or install flash-attn "
+           f"(pip install flash-attn --no-build-isolation) and use attn_implementation: auto or flash_attention_2.")
+
+
 def validate(*parsed) -> None:
     """Every check that can run before weights, data or process groups are touched (dataclasses in any order)."""
     args = by_type(parsed)
@@ -191,6 +217,7 @@ def validate(*parsed) -> None:
     _check(len(lora.lora_target_modules) > 0, "lora_target_modules", lora.lora_target_modules,
            "name at least one module, e.g. [q_proj, v_proj], or 'all-linear'.")
     validate_generation(gen)
+    validate_attention_masks(model, data, gen)
     for name in ("watchdog_timeout_seconds", "step_timeout_seconds"):
         value = getattr(run, name)
         _check(value is None or value > 0, name, value, "use a positive number of seconds, or leave it unset.")

@@ -38,8 +38,10 @@ PLAN_OVERRIDE="${PLAN_OVERRIDE:-0}"                       # 1: launch even when 
 cd "$REPO_ROOT"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-# Per-GPU memory plan (python -m longctx.planner): reads the config and the architecture, loads no weights and no
-# CUDA. Planned for a GPU when the machine has one or the experiment requires one, else for the CPU (never blocks).
+# Run plan (python -m longctx.planner): reads the config and the architecture, loads no weights and no CUDA.
+# Planned for a GPU when the machine has one or the experiment requires one, else for the CPU (never blocks). This
+# launch's GPU count is passed only on a machine with GPUs: elsewhere the plan is for the GPUs the experiment is
+# sized for (plan_gpus), as `python -m longctx.planner` prints it.
 run_planner() {
   local device=cpu extra=()
   if [[ "$GPUS_FOUND" -gt 0 || "$REQUIRE_GPU" == "1" ]]; then
@@ -50,8 +52,11 @@ run_planner() {
     [[ "${mib:-0}" -ge 1024 ]] && extra+=(--gpu_memory_gib "$(awk -v m="$mib" 'BEGIN { printf "%.1f", m / 1024 }')")
     [[ "$USE_DEEPSPEED" != "0" ]] && extra+=(--deepspeed "$DS_CONFIG")
   fi
+  if [[ "$GPUS_FOUND" -gt 0 ]]; then
+    extra+=(--num_gpus "$(( NUM_PROCESSES * NUM_MACHINES ))" --processes_per_machine "$NUM_PROCESSES")
+  fi
   "${PYTHON:-python}" -m longctx.planner --config "$CONFIG" --experiment_dir "$EXP_DIR" --device "$device" \
-    --num_gpus "$(( NUM_PROCESSES * NUM_MACHINES ))" ${extra[@]+"${extra[@]}"} "$@"
+    --output_dir "$OUTPUT_DIR" ${extra[@]+"${extra[@]}"} "$@"
 }
 if [[ "$PLAN" == "1" ]]; then
   status=0
@@ -108,15 +113,15 @@ if [[ "$PLAN" != "0" ]]; then
   status=0
   run_planner "$@" || status=$?
   if [[ "$status" -eq 3 && "$PLAN_OVERRIDE" != "1" ]]; then
-    echo "error: the memory plan above does not fit one GPU; use a switch or value it suggests," >&2
+    echo "error: the run plan above does not fit (GPU or host memory); use a switch or value it suggests," >&2
     echo "       or PLAN_OVERRIDE=1 to launch anyway (PLAN=0 skips the plan)." >&2
     exit 3
   elif [[ "$status" -eq 3 ]]; then
-    echo "warning: the memory plan does not fit; launching anyway (PLAN_OVERRIDE=1)." >&2
+    echo "warning: the run plan does not fit; launching anyway (PLAN_OVERRIDE=1)." >&2
   elif [[ "$status" -eq 2 ]]; then
     exit 2  # a bad setting (named above): caught here, before any process group or model load
   elif [[ "$status" -ne 0 ]]; then
-    echo "warning: no memory plan (exit $status, reason above); launching anyway." >&2
+    echo "warning: no run plan (exit $status, reason above); launching anyway." >&2
   fi
 fi
 
