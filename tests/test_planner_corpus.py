@@ -42,20 +42,22 @@ def test_the_cache_of_a_real_length_pass_is_read_back_for_the_same_file_and_sett
     data = DataArguments(train_file=str(data_file), max_seq_length=200)
     kept, report = tokenize_split(data_file, "train", tiny_tokenizer, data)
     assert len(report) == 3 and len(kept) == 3  # the three long documents are dropped
-    write_length_cache(tmp_path / "run", "train", data_file, MODEL, data, kept, report, None)
-    cached = read_length_cache(tmp_path / "run", "train", data_file, MODEL, data, None)
+    write_length_cache(tmp_path / "run", "train", data_file, MODEL, data, kept, report)
+    cached = read_length_cache(tmp_path / "run", "train", data_file, MODEL, data)
     assert (cached.records, cached.dropped, cached.truncated) == (6, 3, 0)
     expected = [len(ids) for ids in kept["input_ids"]]
     assert cached.lengths == expected and all(n <= 200 for n in expected)
     assert cached.prompt_lengths == [labels.count(-100) for labels in kept["labels"]]
     # another max_seq_length, max_samples, tokenizer or file content: not this cache
-    assert read_length_cache(tmp_path / "run", "train", data_file, MODEL, DataArguments(max_seq_length=300),
-                             None) is None
-    assert read_length_cache(tmp_path / "run", "train", data_file, MODEL, data, 4) is None
-    assert read_length_cache(tmp_path / "run", "train", data_file, ModelArguments(model_name_or_path="other"), data,
-                             None) is None
+    assert read_length_cache(tmp_path / "run", "train", data_file, MODEL,
+                             DataArguments(train_file=str(data_file), max_seq_length=300)) is None
+    assert read_length_cache(tmp_path / "run", "train", data_file, MODEL,
+                             DataArguments(train_file=str(data_file), max_seq_length=200, max_train_samples=4)) is None
+    assert read_length_cache(tmp_path / "run", "train", data_file, ModelArguments(model_name_or_path="other"),
+                             data) is None
+    assert read_length_cache(tmp_path / "run", "validation", data_file, MODEL, data) is None  # another split
     write_jsonl(data_file, records(6, lambda i: 2))
-    assert read_length_cache(tmp_path / "run", "train", data_file, MODEL, data, None) is None
+    assert read_length_cache(tmp_path / "run", "train", data_file, MODEL, data) is None
 
 
 def test_where_a_split_comes_from(tmp_path):
@@ -89,11 +91,10 @@ def test_the_plan_schedules_the_cached_lengths(tmp_path, capsys):
     lengths = [100_000 + 20_000 * i for i in range(8)]  # mean 170,000, longest 240,000; summaries of 500 tokens
     args = by_type(parse_config(flags, check_this_machine=False)[0])  # the settings as training parses them
     model, data = args[ModelArguments], args[DataArguments]
-    for split, path, kept, dropped, limit in (("train", train, lengths, 2, data.max_train_samples),
-                                              ("validation", validation, [150_000] * 3, 0, data.max_eval_samples)):
+    for split, path, kept, dropped in (("train", train, lengths, 2), ("validation", validation, [150_000] * 3, 0)):
         rows = {"input_ids": [[0] * n for n in kept], "labels": [[-100] * (n - 500) + [1] * 500 for n in kept]}
         write_length_cache(tmp_path / "run", split, path, model, data, datasets.Dataset.from_dict(rows),
-                           [{"length_action": "drop"}] * dropped, limit)
+                           [{"length_action": "drop"}] * dropped)
     assert cli.main(flags) == 0
     out = capsys.readouterr().out.splitlines()
     assert f"  train: {train} and its length cache {tmp_path / 'run' / LENGTH_CACHE}" in out

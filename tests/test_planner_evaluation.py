@@ -10,13 +10,17 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO_ROOT
-from longctx.config import ConfigError
+from longctx.config import ConfigError, parse_config
+from longctx.eval.cli import all_setting_names
 from longctx.planner.architecture import load_architecture
 from longctx.planner.evaluation import (check_context_length, evaluation_memory, evaluation_seconds,
                                         shared_gpus_warning)
 from longctx.planner.flops import DECODE_BYTES_PER_SECOND, decode_seconds, forward_flops, kv_bytes_per_token
+from longctx.planner.runplan import make_evaluation_plan
+from longctx.settings import GenerationArguments, LoraArguments, ModelArguments
 
-ARCH = load_architecture("Qwen/Qwen3-4B-Instruct-2507", REPO_ROOT / "experiments" / "009_text_summary")
+EXP_009 = REPO_ROOT / "experiments" / "009_text_summary"
+ARCH = load_architecture("Qwen/Qwen3-4B-Instruct-2507", EXP_009)
 GIB = 2**30
 
 
@@ -89,3 +93,33 @@ def test_follow_warns_when_it_would_share_the_training_gpus():
         "(CUDA_VISIBLE_DEVICES) or score after training.")
     assert shared_gpus_warning(["0", "1"], ["2", "3"], same_machine=True) is None
     assert shared_gpus_warning(["0", "1"], ["0", "1"], same_machine=False) is None  # another machine's GPUs 0, 1
+
+
+def eval_settings():
+    """009's settings as the evaluation command parses them (its own dataclasses, training's keys tolerated)."""
+    parsed, _, _ = parse_config(["--config", str(EXP_009 / "config.yaml")],
+                                (ModelArguments, LoraArguments, GenerationArguments), tolerated_keys=all_setting_names())
+    return parsed
+
+
+def test_the_evaluation_command_plan_from_its_prompts():
+    exp = EXP_009
+    # the longest of 4 prompts, 261,632 tokens, + 512 new tokens: the peak of test_evaluation_memory_... (67.01 GiB)
+    plan = make_evaluation_plan(eval_settings(), [261_632, 100_000, 150_000, 200_000], 4, exp, 80.0, 3)
+    assert plan.exit_status == 0
+    lines = plan.text.splitlines()
+    assert lines[0] == ("Evaluation plan per GPU (eval_checkpoint.py / eval_all_checkpoints.sh): the longest prompt "
+                        "261,632 tokens (longest prompt) + max_new_tokens 512, generation_batch_size 1")
+    assert "    peak                    67.01 GiB: fits in 80 GiB (12.99 GiB to spare)" in lines
+    assert lines[-1].startswith("  time: 4 prompts over 4 GPU(s): ") and lines[-1].endswith(" for 3 (the checkpoints + "
+                                                                                            "final_adapter)")
+    # a 40 GiB GPU cannot hold it: exit 3
+    assert make_evaluation_plan(eval_settings(), [261_632], 4, exp, 40.0).exit_status == 3
+    # one prompt too long for the model's positions: exit 2, one line, before any weights
+    refused = make_evaluation_plan(eval_settings(), [262_000, 1_000], 4, exp, 80.0, where=" in validation.jsonl")
+    assert refused.exit_status == 2
+    assert refused.text == (
+        "error: setting 'max_new_tokens' = 512: the longest validation prompt in validation.jsonl has 262,000 tokens, "
+        "and 262,000 + 512 = 262,512 exceeds the model's max_position_embeddings (262,144); lower max_new_tokens to "
+        "144 or less, or leave the longest prompts out (max_seq_length with length_policy: drop, or "
+        "truncate_document).")

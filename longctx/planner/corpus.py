@@ -41,11 +41,15 @@ class SplitLengths:
     prompt_lengths: list[int]    # prompt tokens (chat template + generation prompt) of every kept sample
 
 
-def cache_key(data_file: str | Path, model: ModelArguments, data: DataArguments, max_samples: int | None) -> dict:
+def max_samples(split: str, data: DataArguments) -> int | None:
+    return data.max_train_samples if split == "train" else data.max_eval_samples
+
+
+def cache_key(split: str, data_file: str | Path, model: ModelArguments, data: DataArguments) -> dict:
     """What a cached length pass depends on: the file's bytes, the tokenizer, and every setting of the data path
     (new settings of DataArguments are included as they come)."""
     settings = {f.name: getattr(data, f.name) for f in dataclasses.fields(data) if f.name not in NOT_IN_KEY}
-    return {"data_sha256": sha256_file(data_file), "max_samples": max_samples,
+    return {"data_sha256": sha256_file(data_file), "max_samples": max_samples(split, data),
             "tokenizer": model.tokenizer_name_or_path or model.model_name_or_path, **settings}
 
 
@@ -71,28 +75,27 @@ def token_counts(dataset) -> tuple[list[int], list[int]]:
 
 
 def write_length_cache(output_dir: str | Path, split: str, data_file: str | Path, model: ModelArguments,
-                       data: DataArguments, dataset, report_rows: list[dict], max_samples: int | None) -> Path:
+                       data: DataArguments, dataset, report_rows: list[dict]) -> Path:
     """Record one split's length pass in OUTPUT_DIR/token_lengths.json (rank 0, after tokenize_split): `dataset` is
     the kept split it returned, `report_rows` its length report, `data_file` the file as configured (before any
-    on_bad_record: skip copy), `max_samples` max_train_samples or max_eval_samples."""
+    on_bad_record: skip copy, so that the plan of the next launch, which reads the configured file, finds it)."""
     path = Path(output_dir) / LENGTH_CACHE
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = _read_entries(path)
     lengths, prompt_lengths = token_counts(dataset)
     actions = [row["length_action"] for row in report_rows if row.get("split", split) == split]
     dropped = actions.count("drop")
-    entries[split] = {"key": cache_key(data_file, model, data, max_samples), "records": len(lengths) + dropped,
+    entries[split] = {"key": cache_key(split, data_file, model, data), "records": len(lengths) + dropped,
                       "dropped": dropped, "truncated": actions.count("truncate"), "lengths": lengths,
                       "prompt_lengths": prompt_lengths}
     return write_atomic(path, json.dumps({"version": CACHE_VERSION, "splits": entries}))
 
 
 def read_length_cache(output_dir: str | Path, split: str, data_file: str | Path, model: ModelArguments,
-                      data: DataArguments, max_samples: int | None) -> SplitLengths | None:
+                      data: DataArguments) -> SplitLengths | None:
     """The split's cached length pass when it was made from this file with these settings, else None."""
     entry = _read_entries(Path(output_dir) / LENGTH_CACHE).get(split)
-    if not entry or not Path(data_file).is_file() or entry.get("key") != cache_key(data_file, model, data,
-                                                                                     max_samples):
+    if not entry or not Path(data_file).is_file() or entry.get("key") != cache_key(split, data_file, model, data):
         return None
     return SplitLengths(entry["records"], entry["dropped"], entry["truncated"], entry["lengths"],
                         entry["prompt_lengths"])
@@ -137,12 +140,12 @@ def load_corpus(split: str, model: ModelArguments, data: DataArguments, output_d
     """One split from the best source at hand (module docstring). `counted`: the records a caller has already
     counted with check_records (the launcher's preflight), so the file is not read twice."""
     data_file = data.train_file if split == "train" else data.validation_file
-    max_samples = data.max_train_samples if split == "train" else data.max_eval_samples
+    limit = max_samples(split, data)
     typical = planned_tokens or data.max_seq_length
     typical_source = "plan_tokens_per_sample" if planned_tokens else "max_seq_length (plan_tokens_per_sample unset)"
     cache = Path(output_dir) / LENGTH_CACHE
     if data_file and Path(data_file).is_file():
-        cached = read_length_cache(output_dir, split, data_file, model, data, max_samples)
+        cached = read_length_cache(output_dir, split, data_file, model, data)
         if cached is not None:
             return Corpus(split, cached.records, cached.dropped, cached.truncated, typical, cached.lengths,
                           cached.prompt_lengths, f"{data_file} and its length cache {cache}")
@@ -154,8 +157,8 @@ def load_corpus(split: str, model: ModelArguments, data: DataArguments, output_d
         setting = "plan_train_records" if split == "train" else "plan_validation_records / max_eval_samples"
         where = f"{data_file} is absent" if data_file else f"no {split} file is set"
         source = f"{where}: records from {setting}, tokens per sample from {typical_source}"
-    if records is not None and max_samples is not None:
-        records = min(records, max_samples)
+    if records is not None and limit is not None:
+        records = min(records, limit)
     dropped, truncated = 0, 0
     if typical > data.max_seq_length:  # a typical sample over the limit: all of them are, as far as the plan knows
         if data.length_policy == "drop":

@@ -184,10 +184,14 @@ def attention_workspace_bytes(s: StepShape) -> float:
     return S * (grads + q * 4 + expanded)   # + the fp32 dq accumulator
 
 
+def adapter_parameters(arch: Architecture, lora_r: int, targets: tuple[str, ...]) -> int:
+    """LoRA weights: r x (in + out) per targeted projection, every layer."""
+    shapes = arch.linear_shapes()
+    return arch.num_hidden_layers * sum(lora_r * (shapes[m][0] + shapes[m][1]) for m in targets if m in shapes)
+
+
 def lora_parameter_count(s: StepShape) -> int:
-    shapes = s.arch.linear_shapes()
-    per_layer = sum(s.lora_r * (shapes[m][0] + shapes[m][1]) for m in s.lora_targets if m in shapes)
-    return per_layer * s.arch.num_hidden_layers
+    return adapter_parameters(s.arch, s.lora_r, s.lora_targets)
 
 
 def _checkpointed_inputs(s: StepShape, attention_saved: float, mlp_saved: float) -> tuple[list[Part], list[str]]:

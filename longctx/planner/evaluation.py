@@ -121,6 +121,7 @@ def format_evaluation(memory: EvalMemory, gpu_memory_gib: float | None, seconds:
                    f"generation_batch_size or max_new_tokens")
     lines.append(f"    {'peak':<22}{human_bytes(memory.peak_bytes):>11}{verdict}")
     if seconds is not None:
-        lines.append(f"  time: {prompts:,} prompts over {gpus} GPU(s): {human_duration(seconds)} per checkpoint, "
-                     f"{human_duration(seconds * scorings)} for {scorings} (the checkpoints + final_adapter)")
+        lines.append(f"  time: {prompts:,} prompts over {gpus} GPU(s): {human_duration(seconds)} per checkpoint"
+                     + (f", {human_duration(seconds * scorings)} for {scorings} (the checkpoints + final_adapter)"
+                        if scorings > 1 else ""))
     return lines

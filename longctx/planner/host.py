@@ -157,7 +157,7 @@ def format_host(host: HostMemory, tokens_of: dict[int, int], available_gib: floa
            f"machine; each sample pins and frees its blocks again, slower steps, not measured)")
     improves = fixed.per_machine < host.per_machine
     if available_gib is None:
-        lines.append("  not compared with a machine's memory (no --host_memory_gib; the launcher passes it on the "
+        lines.append("  not compared with a machine's memory: --host_memory_gib gives it (MemAvailable of the "
                      "training machine)")
         if improves:
             lines.append(f"  less with {fix}")

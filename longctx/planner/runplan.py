@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +29,10 @@ from ..settings import (DataArguments, GenerationArguments, LoraArguments, Memor
 from .advice import fits, format_estimate
 from .architecture import ArchitectureError, load_architecture
 from .corpus import load_corpus
-from .estimate import GIB, LORA_MODULES, StepShape, estimate, human_bytes, lora_parameter_count
-from .evaluation import evaluation_memory, evaluation_seconds, format_evaluation
+from .estimate import (GIB, LORA_MODULES, StepShape, adapter_parameters, estimate, human_bytes,
+                       lora_parameter_count)
+from .evaluation import (EvalMemory, check_context_length, evaluation_memory, evaluation_seconds,
+                         format_evaluation)
 from .flops import default_mfu, training_flops
 from .host import format_host, host_memory
 from .schedule import (Batching, Pace, checkpoint_bytes, eval_seconds, format_schedule, sample_seconds, schedule,
@@ -112,6 +115,10 @@ def shown_path(path: str | os.PathLike) -> str:
         return str(absolute)
 
 
+def lora_targets(lora: LoraArguments) -> tuple[str, ...]:
+    return tuple(LORA_MODULES if lora.lora_target_modules == ["all-linear"] else lora.lora_target_modules)
+
+
 def step_shape_from_settings(args: dict[type, Any], options: PlannerArguments, config_path: str | None,
                              world: int) -> tuple[StepShape, str]:
     """(the step's shape on one GPU, the title of the memory plan)."""
@@ -133,7 +140,7 @@ def step_shape_from_settings(args: dict[type, Any], options: PlannerArguments, c
     attention = model.attn_implementation
     if attention == "auto":
         attention = "flash_attention_2/sdpa" if options.device == "cuda" else "sdpa"
-    targets = tuple(LORA_MODULES if lora.lora_target_modules == ["all-linear"] else lora.lora_target_modules)
+    targets = lora_targets(lora)
     batch = training.per_device_train_batch_size
     labels = options.label_tokens if options.label_tokens is not None else gen.max_new_tokens
     shape = StepShape(
@@ -252,7 +259,7 @@ def _schedule_and_evaluation(args, shape: StepShape, options: PlannerArguments, 
     lines = format_schedule(run, batching, train, validation, pace, ckpt, basis, devices)
     warned += warnings(run, pace)
     if shape.device == "cuda":
-        lines += _evaluation_lines(args, shape, options, plan, gpus, validation, len(run.checkpoints) + 1, warned)
+        lines += _evaluation_lines(args, shape, options, gpus, validation, len(run.checkpoints) + 1, warned)
     return lines
 
 
@@ -260,23 +267,58 @@ def _flops(value: float) -> str:
     return f"{value:.3g}".replace("e+", "e")
 
 
-def _evaluation_lines(args, shape: StepShape, options: PlannerArguments, plan: PlanArguments, gpus: int, validation,
-                      scorings: int, warned: list[str]) -> list[str]:
-    data, gen, model = args[DataArguments], args[GenerationArguments], args[ModelArguments]
-    arch, lora = shape.arch, lora_parameter_count(shape)
+def make_evaluation_plan(parsed, prompt_tokens: Sequence[int], gpus: int,
+                         experiment_dir: str | os.PathLike | None = None, gpu_memory_gib: float = 80.0,
+                         checkpoints: int = 1, where: str = "") -> RunPlan:
+    """The evaluation plan of eval_checkpoint.py / eval_all_checkpoints.sh from the tokenized validation prompts (a
+    tokenizer, no weights), for `gpus` evaluation processes scoring `checkpoints` adapters. Exit status 2 with one
+    "error: ..." line when a prompt + max_new_tokens runs past max_position_embeddings (`where` names the file in
+    it), 3 when it does not fit one GPU of `gpu_memory_gib`, else 0. `parsed` needs ModelArguments, LoraArguments
+    and GenerationArguments (PlanArguments, when present, give the MFU)."""
+    args = by_type(parsed)
+    model, gen = args[ModelArguments], args[GenerationArguments]
+    try:
+        arch = load_architecture(model.model_name_or_path, experiment_dir)
+        longest = max(prompt_tokens)
+        check_context_length(arch, longest, gen.max_new_tokens, where)
+    except (ConfigError, ArchitectureError) as err:
+        return RunPlan(f"error: {err}", EXIT_BAD_CONFIG)
+    weight_bytes = 4 if model.torch_dtype == "float32" else 2
+    lora = adapter_parameters(arch, args[LoraArguments].lora_r, lora_targets(args[LoraArguments]))
+    lines, memory = _evaluation_section(args, arch, weight_bytes, lora, prompt_tokens, (longest, "longest prompt"),
+                                        gpus, gpu_memory_gib, checkpoints)
+    return RunPlan("\n".join(lines), EXIT_GO if memory.peak_bytes <= gpu_memory_gib * GIB else EXIT_DOES_NOT_FIT)
+
+
+def _evaluation_section(args, arch, weight_bytes: int, lora: int, prompts: Sequence[int], longest: tuple[int, str],
+                        gpus: int, gpu_memory_gib: float, scorings: int) -> tuple[list[str], EvalMemory]:
+    """The evaluation plan's lines and memory; `longest`: (tokens of the longest prompt, where that comes from)."""
+    model, gen = args[ModelArguments], args[GenerationArguments]
+    plan = args.get(PlanArguments, PlanArguments())
+    flash = model.attn_implementation in ("auto", "flash_attention_2")  # auto without flash-attn: validated
+    memory = evaluation_memory(arch, longest[0], gen.max_new_tokens, gen.generation_batch_size, weight_bytes, lora,
+                               flash)
+    mfu, _ = default_mfu(plan.plan_mfu)
+    seconds = evaluation_seconds(arch, prompts, gen.max_new_tokens, gen.generation_batch_size, gpus,
+                                 mfu * plan.plan_gpu_peak_tflops * 1e12, weight_bytes, lora)
+    header = (f"Evaluation plan per GPU (eval_checkpoint.py / eval_all_checkpoints.sh): the longest prompt "
+              f"{longest[0]:,} tokens ({longest[1]}) + max_new_tokens {gen.max_new_tokens}, generation_batch_size "
+              f"{gen.generation_batch_size}")
+    return format_evaluation(memory, gpu_memory_gib, seconds, len(prompts), gpus, scorings, header), memory
+
+
+def _evaluation_lines(args, shape: StepShape, options: PlannerArguments, gpus: int, validation, scorings: int,
+                      warned: list[str]) -> list[str]:
+    """The run plan's evaluation section: the longest validation prompt from the length cache, else bounded by
+    max_seq_length; a prompt the evaluation would refuse is a warning here, not a stop."""
+    data, gen = args[DataArguments], args[GenerationArguments]
+    arch = shape.arch
     known = validation.longest_prompt is not None
     longest = validation.longest_prompt if known else data.max_seq_length
-    flash = model.attn_implementation in ("auto", "flash_attention_2")  # auto without flash-attn: validated
-    memory = evaluation_memory(arch, longest, gen.max_new_tokens, gen.generation_batch_size, shape.weight_bytes,
-                               lora, flash)
-    mfu, _ = default_mfu(plan.plan_mfu)
     prompts = validation.prompt_lengths or validation.sample_tokens()
-    seconds = evaluation_seconds(arch, prompts, gen.max_new_tokens, gen.generation_batch_size, gpus,
-                                 mfu * plan.plan_gpu_peak_tflops * 1e12, shape.weight_bytes, lora)
-    header = (f"Evaluation plan per GPU (eval_checkpoint.py / eval_all_checkpoints.sh): the longest prompt "
-              f"{longest:,} tokens ({'length cache' if known else 'max_seq_length: no length cache'}) + "
-              f"max_new_tokens {gen.max_new_tokens}, generation_batch_size {gen.generation_batch_size}")
-    lines = format_evaluation(memory, options.gpu_memory_gib, seconds, len(prompts), gpus, scorings, header)
+    lines, memory = _evaluation_section(args, arch, shape.weight_bytes, lora_parameter_count(shape), prompts,
+                                        (longest, "length cache" if known else "max_seq_length: no length cache"),
+                                        gpus, options.gpu_memory_gib, scorings)
     limit = arch.max_position_embeddings
     if limit is not None and longest + gen.max_new_tokens > limit:
         warned.append(f"evaluation refuses prompts over {limit - gen.max_new_tokens:,} tokens "
