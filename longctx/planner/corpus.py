@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import IGNORE_INDEX
 from ..files import sha256_file, write_atomic
 from ..records import check_records
 from ..settings import DataArguments, ModelArguments
@@ -27,7 +28,6 @@ CACHE_VERSION = 1
 # its sha256, and max_train_samples / max_eval_samples by the split's own "max_samples").
 NOT_IN_KEY = {"train_file", "validation_file", "max_train_samples", "max_eval_samples", "preprocessing_num_workers",
               "pad_to_multiple_of", "id_field"}
-IGNORE_INDEX = -100  # longctx.data.IGNORE_INDEX; not imported, so the planner does not pull in the data path
 
 
 @dataclass

@@ -192,12 +192,12 @@ def _make_run_plan(args, config_path, options, record_counts) -> RunPlan:
                         record_counts.get("train"))
     validation = load_corpus("validation", *corpus_args, plan.plan_validation_records or data.max_eval_samples,
                              plan.plan_tokens_per_sample, record_counts.get("validation"))
-    b = shape.act_bytes * shape.arch.hidden_size
     if cuda and shape.offload and train.kept:
         per_row = training.per_device_train_batch_size
+        input_bytes_per_token = shape.act_bytes * shape.arch.hidden_size  # one layer input
         # the corpus's own lengths when the cache gives them, else the typical sample and the longest allowed
         lengths = set(train.lengths) if train.lengths is not None else {train.typical_tokens, data.max_seq_length}
-        tokens_of = {t * per_row * b: t * per_row for t in lengths}
+        tokens_of = {t * per_row * input_bytes_per_token: t * per_row for t in lengths}
         processes = options.processes_per_machine or int(os.environ.get("NUM_PROCESSES") or gpus)
         host = host_memory(shape.arch.num_hidden_layers, tokens_of, processes)
         kept_on_gpu = estimate(shape.replace(offload=False)).peak_bytes
