@@ -1,4 +1,11 @@
-"""Dynamic padding: each batch is padded to its own longest sample; labels are padded with -100."""
+"""Dynamic padding: each batch is padded to its own longest sample; labels are padded with -100.
+
+Training batches are padded on the right and carry position_ids (0, 1, 2, ... in every row): under causal
+attention no real token ever looks at a later position, so the padding needs no attention mask, and the loss
+(longctx.loss) gives the model the positions instead of the mask. That keeps transformers from building a
+(batch, 1, seq, seq) mask under SDPA (64 GiB at 262,144 tokens), and sequence parallelism needs position_ids in
+every batch. Prompts for generation are padded on the left and keep their attention mask: there it is needed.
+"""
 
 from __future__ import annotations
 
@@ -34,4 +41,7 @@ class PadCollator:
                     continue
                 padded = values + [fill] * pad if self.padding_side == "right" else [fill] * pad + values
                 batch[key].append(padded)
-        return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items() if rows}
+        out = {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items() if rows}
+        if self.padding_side == "right":
+            out["position_ids"] = torch.arange(longest, dtype=torch.long).repeat(len(features), 1)
+        return out

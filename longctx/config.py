@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import difflib
 import enum
+import importlib.util
 import os
 import re
 import sys
@@ -154,15 +155,17 @@ def _check(ok: bool, setting: str, value: Any, fix: str) -> None:
         raise ConfigError(f"setting '{setting}' = {value!r}: {fix}")
 
 
-def validate_data(data: DataArguments, need_train: bool = True) -> None:
+def validate_data(data: DataArguments, need_train: bool = True, files_at_hand: bool = True) -> None:
+    """The data settings; files_at_hand=False (a plan printed away from the cluster) leaves out whether the files
+    exist, which the plan reports instead."""
     files = [("validation_file", data.validation_file)]
     if need_train:
         files.insert(0, ("train_file", data.train_file))
     for name, path in files:
         _check(path is not None, name, path, "set it to a .jsonl, .json or .parquet file of records.")
         _check(Path(path).suffix in DATA_SUFFIXES, name, path, f"use one of {', '.join(DATA_SUFFIXES)}.")
-        _check(Path(path).is_file(), name, path, "file not found; check the path (relative paths start at the "
-                                                  "directory you launch from, the repository root for launchers).")
+        _check(not files_at_hand or Path(path).is_file(), name, path, "file not found; check the path (relative "
+               "paths start at the directory you launch from, the repository root for launchers).")
     _check(data.max_seq_length > 0, "max_seq_length", data.max_seq_length, "use a positive number of tokens.")
     _check(data.document_field != data.summary_field, "summary_field", data.summary_field,
            "must differ from document_field.")
@@ -208,12 +211,37 @@ def validate_memory(memory: MemoryArguments, training: TrainingArguments) -> Non
                f"processes) or set tiled_mlp: false.")
 
 
-def validate(*parsed) -> None:
+# A boolean (batch, 1, seq, seq) mask above this many bytes is refused: at 1 GiB a padded batch of 2 prompts is about
+# 23,000 tokens long, far below long context, and the mask also keeps SDPA off its flash kernel.
+ATTENTION_MASK_LIMIT_BYTES = 2**30
+
+
+def validate_attention_masks(model: ModelArguments, data: DataArguments, gen: GenerationArguments) -> None:
+    """Settings that would build a seq x seq attention mask at long context. Training never does: its batches are
+    padded on the right, which causal attention never looks at, so the loss passes position_ids and no mask
+    (longctx.loss). Generation pads prompts on the left, and with more than one prompt per batch transformers' SDPA
+    attention then needs a (batch, 1, seq, seq) boolean mask, unless flash-attention (which takes the padding as
+    sequence lengths) is in use: `auto` uses it when the flash_attn package is installed."""
+    if gen.generation_batch_size == 1 or model.attn_implementation == "flash_attention_2":
+        return
+    if model.attn_implementation == "auto" and importlib.util.find_spec("flash_attn") is not None:
+        return
+    tokens = data.max_seq_length + gen.max_new_tokens
+    mask_bytes = gen.generation_batch_size * tokens ** 2
+    _check(mask_bytes <= ATTENTION_MASK_LIMIT_BYTES, "generation_batch_size", gen.generation_batch_size,
+           f"prompts are padded on the left, and without flash-attention transformers' SDPA attention then builds a "
+           f"boolean mask of generation_batch_size x (max_seq_length + max_new_tokens)^2 = "
+           f"{gen.generation_batch_size} x {tokens:,}^2 bytes = {mask_bytes / 2**30:.1f} GiB (the limit is 1 GiB); "
+           f"set generation_batch_size: 1 (one prompt per batch needs no padding and no mask), or install flash-attn "
+           f"(pip install flash-attn --no-build-isolation) and use attn_implementation: auto or flash_attention_2.")
+
+
+def validate(*parsed, files_at_hand: bool = True) -> None:
     """Every check that can run before weights, data or process groups are touched (dataclasses in any order)."""
     args = by_type(parsed)
     model, data, lora, gen = args[ModelArguments], args[DataArguments], args[LoraArguments], args[GenerationArguments]
     run, training = args.get(RunArguments, RunArguments()), args[TrainingArguments]
-    validate_data(data)
+    validate_data(data, files_at_hand=files_at_hand)
     validate_memory(args.get(MemoryArguments, MemoryArguments()), training)
     _check(lora.lora_r > 0, "lora_r", lora.lora_r, "use a positive rank such as 8, 16 or 64.")
     _check(lora.lora_alpha > 0, "lora_alpha", lora.lora_alpha, "use a positive value, typically 2 x lora_r.")
@@ -221,6 +249,7 @@ def validate(*parsed) -> None:
     _check(len(lora.lora_target_modules) > 0, "lora_target_modules", lora.lora_target_modules,
            "name at least one module, e.g. [q_proj, v_proj], or 'all-linear'.")
     validate_generation(gen)
+    validate_attention_masks(model, data, gen)
     for name in ("watchdog_timeout_seconds", "step_timeout_seconds"):
         value = getattr(run, name)
         _check(value is None or value > 0, name, value, "use a positive number of seconds, or leave it unset.")

@@ -29,6 +29,24 @@ def label_targets(labels: torch.Tensor) -> torch.Tensor:
     return shifted[shifted != IGNORE_INDEX]
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row is its tokens followed by padding only (ones, then zeros)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def model_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model is given besides the loss arguments. A right-padded batch with position_ids (the training
+    collator's) gets the positions and no attention mask: under causal attention a real token never sees the
+    padding after it, and the padded positions carry no label, so the loss and gradients are the same, while a
+    mask with padding in it would make transformers build a (batch, 1, seq, seq) mask under SDPA (64 GiB at
+    262,144 tokens) and keep SDPA off its flash kernel. Any other batch keeps its mask."""
+    mask, positions = inputs.get("attention_mask"), inputs.get("position_ids")
+    if positions is not None and (mask is None or right_padded(mask)):
+        return {"input_ids": inputs["input_ids"], "position_ids": positions}
+    extra = {"position_ids": positions} if positions is not None else {}
+    return {"input_ids": inputs["input_ids"], "attention_mask": mask, **extra}
+
+
 def summary_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None):
     """Sum of cross-entropy over label positions / number of label tokens.
 
@@ -37,8 +55,7 @@ def summary_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch: tor
     """
     labels = inputs["labels"]
     keep = prediction_mask(labels)
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                    logits_to_keep=keep, use_cache=False)
+    outputs = model(**model_inputs(inputs), logits_to_keep=keep, use_cache=False)
     logits = outputs.logits  # (number of label tokens, vocab)
     targets = label_targets(labels)
     total = F.cross_entropy(logits.float(), targets, reduction="sum")

@@ -22,9 +22,7 @@ from transformers import TrainingArguments
 from . import checkpoints, status
 from .config import ConfigError, SettingsParser, by_type, parse_config, resolved_config, validate
 from .planner.architecture import ArchitectureError
-from .planner.advice import fits, format_estimate
-from .planner.cli import PlannerArguments, step_shape_from_settings
-from .planner.estimate import estimate
+from .planner.runplan import PlannerArguments, make_run_plan
 from .records import DataError, check_records
 from .rundir import check_output_dir, run_identity, start_afresh
 from .settings import DATACLASSES, DataArguments, RunArguments
@@ -52,8 +50,9 @@ def parse(argv: list[str]) -> tuple[LaunchFacts, PlannerArguments, tuple, str | 
     return facts, options, parsed, config_path
 
 
-def check_data(parsed) -> str:
-    """Every record of both files (DataError listing every bad one); returns the summary line."""
+def check_data(parsed) -> tuple[str, dict[str, int]]:
+    """Every record of both files (DataError listing every bad one); returns the summary line and the counts of
+    usable records (the plan's schedule starts from them)."""
     data = by_type(parsed)[DataArguments]
     scans = {split: check_records(path, data) for split, path in
              (("train", data.train_file), ("validation", data.validation_file))}
@@ -61,7 +60,7 @@ def check_data(parsed) -> str:
     for split, scan in scans.items():
         skipped = f", {len(scan.problems)} unusable, skipped (on_bad_record: skip)" if scan.problems else ""
         parts.append(f"{split} {scan.count} records{skipped}")
-    return "data: " + "; ".join(parts)
+    return "data: " + "; ".join(parts), {split: scan.count for split, scan in scans.items()}
 
 
 def check_run_dir(parsed, facts: LaunchFacts) -> str:
@@ -81,46 +80,32 @@ def check_run_dir(parsed, facts: LaunchFacts) -> str:
     return f"OUTPUT_DIR {out}: a new run"
 
 
-@dataclass
-class RunPlan:
-    text: str
-    exit_status: int
-
-
-def run_plan(parsed, config_path: str | None, options: PlannerArguments, brief: bool) -> RunPlan:
-    """The planner's verdict for these settings; `brief`: one line when it does not apply (a CPU run)."""
-    shape, options, tokens_per_sample, title = step_shape_from_settings((*parsed, options), config_path)
-    memory = estimate(shape)
-    if shape.device != "cuda":
-        line = "plan: CPU run, no GPU memory limit to check (PLAN=1 prints the estimate)"
-        return RunPlan(line if brief else format_estimate(memory, None, title, tokens_per_sample), status.OK)
-    limit = options.gpu_memory_gib
-    return RunPlan(format_estimate(memory, limit, title, tokens_per_sample),
-                   status.OK if fits(memory, limit) else status.DOES_NOT_FIT)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         facts, options, parsed, config_path = parse(argv)
-        validate(*parsed)
-        if facts.plan == "only":
-            plan = run_plan(parsed, config_path, options, brief=False)
-            print(plan.text, flush=True)
-            return status.OK  # the plan was asked for, not a launch: printed whatever its verdict
+        validate(*parsed, files_at_hand=facts.plan != "only")  # a plan names missing data files itself
+        if facts.plan == "only":  # PLAN=1: the plan was asked for, not a launch; printed whatever its verdict
+            plan = make_run_plan(parsed, config_path, options)
+            print(plan.text, file=sys.stderr if plan.exit_status == status.BAD_INPUT else sys.stdout, flush=True)
+            return status.BAD_INPUT if plan.exit_status == status.BAD_INPUT else status.OK
         lines = [f"preflight: settings ok ({config_path or 'command line'})"]
+        counts = None
         if facts.machine_rank == 0:
-            lines.append(check_data(parsed))
-            lines.append(check_run_dir(parsed, facts))
-        plan = run_plan(parsed, config_path, options, brief=True) if facts.plan == "check" else None
+            line, counts = check_data(parsed)
+            lines += [line, check_run_dir(parsed, facts)]
     except (ConfigError, DataError, ArchitectureError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return status.BAD_INPUT
     print("\n".join(lines), flush=True)
-    if plan is not None:
-        print(plan.text, flush=True)
-        if plan.exit_status:
-            return plan.exit_status
+    if facts.plan == "check":
+        if options.device == "cpu":  # nothing for a plan to stop on a CPU: one line
+            print("plan: CPU run, no GPU memory limit to check (PLAN=1 prints the plan)", flush=True)
+        else:
+            plan = make_run_plan(parsed, config_path, options, record_counts=counts)
+            print(plan.text, file=sys.stderr if plan.exit_status == status.BAD_INPUT else sys.stdout, flush=True)
+            if plan.exit_status:
+                return plan.exit_status
     if facts.machine_rank == 0 and facts.overwrite:
         out = Path(by_type(parsed)[TrainingArguments].output_dir)
         removed = start_afresh(out) if out.is_dir() else []

@@ -29,6 +29,7 @@ from .config import ConfigError
 from .data import LENGTH_REPORT
 from .distributed import gather_from_all, print0
 from .files import sha256_file, write_atomic
+from .planner.corpus import LENGTH_CACHE
 from .records import BAD_RECORDS_REPORT
 from .tracking import WANDB_RUN
 
@@ -61,7 +62,7 @@ LAUNCH_SETTINGS = frozenset({
 DATA_FILES = ("train_file", "validation_file", "chat_template")
 RUN_OUTPUTS = (  # what a run writes into OUTPUT_DIR: OVERWRITE=1 removes these (and checkpoint-*), nothing else
     FINAL_ADAPTER, f".{FINAL_ADAPTER}.tmp", RUN_CONFIG, RUN_INFO, WANDB_RUN, LENGTH_REPORT, BAD_RECORDS_REPORT,
-    "data_usable", "wandb", "eval_results.jsonl", "eval_summary.md", "rouge_by_step.png", "rouge_by_step.csv",
+    "data_usable", "wandb", LENGTH_CACHE, "eval_results.jsonl", "eval_summary.md", "rouge_by_step.png", "rouge_by_step.csv",
     "loss_curve.png", "loss_curve.csv", "best_checkpoint",
 )
 

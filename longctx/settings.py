@@ -87,7 +87,10 @@ class DataArguments:
         default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
     )
     pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad each batch to a multiple of N tokens (8 suits tensor cores)."}
+        default=None,
+        metadata={"help": "Pad each batch to a multiple of N tokens. Leave unset: padding tokens cost compute, and "
+                          "no kernel here needs it (flash-attention and SDPA take any length; the widths that tensor "
+                          "cores want multiples of are the model's, not the sequence's)."},
     )
 
 
@@ -176,6 +179,33 @@ class RunArguments:
     )
 
 
+@dataclass
+class PlanArguments:
+    """What the run plan (`python -m longctx.planner`, `PLAN=1` in the launcher) assumes where this machine cannot
+    tell: the GPUs the experiment is sized for, the corpus when its files or their length cache are not at hand, and
+    the GPU's speed. Training and evaluation read none of these."""
+
+    _argument_group_name = "run plan (PLAN=1, python -m longctx.planner; training ignores these)"
+
+    plan_gpus: int | None = field(default=None, metadata={"help": (
+        "GPUs the experiment is sized for (data-parallel, all machines). The plan uses, in order: --num_gpus, "
+        "NUM_PROCESSES x NUM_MACHINES from the environment, this; unset: 1.")})
+    plan_validation_records: int | None = field(default=None, metadata={"help": (
+        "Validation records to plan for when validation_file is not at hand; unset: max_eval_samples.")})
+    plan_train_records: int | None = field(default=None, metadata={"help": (
+        "Training records to plan for when train_file is not at hand (a laptop checking the cluster run); the "
+        "file's own count wins when it is there.")})
+    plan_gpu_peak_tflops: float = field(default=989.0, metadata={
+        "help": "Peak dense bf16 TFLOP/s of one GPU (989: H100 / H200 SXM; 312: A100)."})
+    plan_tokens_per_sample: int | None = field(default=None, metadata={"help": (
+        "Typical prompt + summary tokens of a sample, when the length cache of a previous run "
+        "(OUTPUT_DIR/token_lengths.json) does not match the data; unset: max_seq_length.")})
+    plan_mfu: float | None = field(default=None, metadata={"help": (
+        "Share of the GPU's peak bf16 FLOP/s a step achieves, counted on the FLOPs it executes "
+        "(recomputation included). Unset: the figure measured in docs/benchmarks.md, or 0.35 "
+        "(assumed) while there is none.")})
+
+
 class TrainingSettings(TrainingArguments):
     """transformers' TrainingArguments, under a heading of its own in --help (after the project's settings)."""
 
@@ -184,5 +214,5 @@ class TrainingSettings(TrainingArguments):
 
 # The order of --help: the project's settings first, then transformers'.
 DATACLASSES = (ModelArguments, DataArguments, LoraArguments, MemoryArguments, RunArguments, GenerationArguments,
-               TrainingSettings)
+               PlanArguments, TrainingSettings)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")

@@ -28,6 +28,7 @@ from .distributed import (cpu_process_group_args, is_distributed, is_main_proces
 from .modeling import (apply_lora, apply_memory_switches, load_base_model, load_tokenizer, resolve_attn_implementation,
                        resolve_dtype)
 from .offload import has_accelerator
+from .planner.corpus import write_length_cache
 from .preemption import Preempted, PreemptionCallback
 from .quiet import silence_unactionable_warnings
 from .records import BAD_RECORDS_REPORT, DataError, check_records, usable_copy
@@ -119,6 +120,7 @@ def train(argv: list[str] | None = None) -> None:
     preemption = PreemptionCallback(run_args.save_every_minutes)
     preemption.install()  # from here on SIGTERM / SIGUSR1 mean: stop at the next optimizer step, with a checkpoint
 
+    configured_files = {"train": data_args.train_file, "validation": data_args.validation_file}
     run = on_rank_zero(lambda: prepare_run(parsed, config_path))
     data_args.train_file, data_args.validation_file = run["train_file"], run["validation_file"]
     if run["shared_check"]:
@@ -155,6 +157,9 @@ def train(argv: list[str] | None = None) -> None:
         counts = {split: min(scan.count, limit or scan.count) for (split, scan), limit in
                   zip(run["scans"].items(), (data_args.max_train_samples, data_args.max_eval_samples))}
         print0(write_length_report(train_report + eval_report, output_dir, counts))
+        for split, dataset, report in (("train", train_ds, train_report), ("validation", eval_ds, eval_report)):
+            # the plan of the next launch (PLAN=1, the preflight) reads the corpus's real lengths from it
+            write_length_cache(output_dir, split, configured_files[split], model_args, data_args, dataset, report)
 
     model = apply_lora(load_base_model(model_args), lora_args)
     for line in apply_memory_switches(model, args[MemoryArguments], training_args):

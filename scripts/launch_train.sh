@@ -79,14 +79,18 @@ SETTINGS=(--config "$CONFIG" --output_dir "$OUTPUT_DIR" --resume "$RESUME")
 [[ "$USE_DEEPSPEED" == "1" ]] && SETTINGS+=(--deepspeed "$DS_CONFIG")
 SETTINGS+=("$@")
 
-# The preflight's view of this launch: planned for a GPU when the machine has one or the experiment requires one.
+# The preflight's view of this launch: planned for a GPU when the machine has one or the experiment requires one;
+# elsewhere for the GPUs the experiment is sized for (plan_gpus), as `python -m longctx.planner` prints it.
 FACTS=(--world_size "$(( NUM_PROCESSES * NUM_MACHINES ))" --machine_rank "$MACHINE_RANK" --experiment_dir "$EXP_DIR")
 if [[ "$GPUS_FOUND" -gt 0 || "$REQUIRE_GPU" == "1" ]]; then
   FACTS+=(--device cuda)
   mib="$( (nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null || true) | sed -n 1p)"
   mib="$(tr -dc '0-9' <<<"$mib")"
   [[ "${mib:-0}" -ge 1024 ]] && FACTS+=(--gpu_memory_gib "$(awk -v m="$mib" 'BEGIN { printf "%.1f", m / 1024 }')")
-  [[ "$GPUS_FOUND" -gt 0 ]] && FACTS+=(--num_gpus "$(( NUM_PROCESSES * NUM_MACHINES ))")
+  if [[ "$GPUS_FOUND" -gt 0 ]]; then  # the training machine: the plan is for this launch, and its host memory
+    FACTS+=(--num_gpus "$(( NUM_PROCESSES * NUM_MACHINES ))" --processes_per_machine "$NUM_PROCESSES")
+    FACTS+=(--host_memory_gib "$(awk '/^MemAvailable:/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)")
+  fi
 else
   FACTS+=(--device cpu)
 fi
@@ -140,7 +144,8 @@ preflight "${CHECK[@]}" || status=$?
 if [[ "$status" -eq 3 && "$PLAN_OVERRIDE" == "1" ]]; then
   echo "warning: the plan does not fit; launching anyway (PLAN_OVERRIDE=1)." >&2
 elif [[ "$status" -eq 3 ]]; then
-  die "the plan above does not fit; use a switch or value it suggests, or PLAN_OVERRIDE=1 to launch anyway."
+  echo "error: the run plan above does not fit; use a switch or value it suggests, or PLAN_OVERRIDE=1 to launch anyway." >&2
+  exit 3
 elif [[ "$status" -ne 0 ]]; then
   exit "$status"  # the reason is the line above
 fi

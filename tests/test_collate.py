@@ -1,4 +1,4 @@
-"""longctx.collate.PadCollator: dynamic padding of ids, attention mask and labels."""
+"""longctx.collate.PadCollator: dynamic padding of ids, attention mask and labels; position ids for right padding."""
 
 from __future__ import annotations
 
@@ -16,15 +16,18 @@ FEATURES = [
 
 def test_right_padding():
     batch = PadCollator(pad_token_id=PAD)(FEATURES)
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "position_ids"}
     assert all(t.dtype == torch.long for t in batch.values())
     assert batch["input_ids"].tolist() == [[5, 6, 7, PAD, PAD], [8, 9, 10, 11, 12]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[-100, 6, 7, IGNORE_INDEX, IGNORE_INDEX], [-100, -100, -100, 11, 12]]
+    # every row counts its positions from 0, the padding after the tokens included (it carries no label)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
 
 
 def test_left_padding():
     batch = PadCollator(pad_token_id=PAD, padding_side="left")(FEATURES)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}  # left padding needs its mask: no positions
     assert batch["input_ids"].tolist() == [[PAD, PAD, 5, 6, 7], [8, 9, 10, 11, 12]]
     assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, -100, 6, 7], [-100, -100, -100, 11, 12]]
@@ -36,6 +39,7 @@ def test_pad_to_multiple_of():
     assert batch["input_ids"][0].tolist() == [5, 6, 7, 3, 3, 3, 3, 3]
     assert batch["attention_mask"].sum(dim=1).tolist() == [3, 5]
     assert batch["labels"][1].tolist() == [-100, -100, -100, 11, 12] + [IGNORE_INDEX] * 3
+    assert batch["position_ids"].tolist() == [list(range(8))] * 2
 
 
 def test_pad_to_multiple_of_already_a_multiple():

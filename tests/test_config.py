@@ -11,7 +11,8 @@ from transformers import TrainingArguments
 
 from conftest import REPO_ROOT, subprocess_env, write_jsonl
 from longctx.config import ConfigError, by_type, parse_config, validate
-from longctx.settings import DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments
+from longctx.settings import (DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments,
+                              PlanArguments)
 
 CONFIG_000 = REPO_ROOT / "experiments" / "000_tiny_smoke" / "config.yaml"
 CONFIG_009 = REPO_ROOT / "experiments" / "009_text_summary" / "config.yaml"
@@ -140,7 +141,10 @@ def test_009_config_parses_to_the_reference_values(bf16_gpu):
     assert training.activation_checkpointing is True
     assert training.activation_checkpointing_kwargs == {"use_reentrant": False}
     assert training.bf16 is True
-    assert training.eval_steps == 200 and training.save_steps == 200
+    # a tenth of the run each (a ratio below 1): 10 checkpoints and evaluations whatever the corpus size
+    assert training.eval_steps == 0.1 and training.save_steps == 0.1
+    plan = args[PlanArguments]  # read by the planner only
+    assert (plan.plan_gpus, plan.plan_train_records, plan.plan_tokens_per_sample) == (4, 1000, 200000)
     assert training.load_best_model_at_end is False
     assert training.dataloader_num_workers == 4
     assert "zero2" in training.run_name
@@ -222,6 +226,30 @@ def test_validate_eager_attention_at_long_context(valid_args):
                  dataclasses.replace(data, max_seq_length=65536), lora, gen, training)
 
 
+def test_validate_refuses_a_padded_generation_batch_that_would_build_a_seq_by_seq_mask(valid_args, monkeypatch):
+    model, data, lora, gen, training = valid_args
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)  # flash_attn not installed, here or there
+    two = dataclasses.replace(gen, generation_batch_size=2, max_new_tokens=512)
+    with pytest.raises(ConfigError) as info:  # 009's length: 2 x (262,144 + 512)^2 = 137,976,348,672 bytes
+        validate(model, data, lora, two, training)
+    assert str(info.value) == (
+        "setting 'generation_batch_size' = 2: prompts are padded on the left, and without flash-attention "
+        "transformers' SDPA attention then builds a boolean mask of generation_batch_size x (max_seq_length + "
+        "max_new_tokens)^2 = 2 x 262,656^2 bytes = 128.5 GiB (the limit is 1 GiB); set generation_batch_size: 1 (one "
+        "prompt per batch needs no padding and no mask), or install flash-attn (pip install flash-attn "
+        "--no-build-isolation) and use attn_implementation: auto or flash_attention_2.")
+    # short prompts: 2 x (16,384 + 512)^2 = 570,949,632 bytes, under 1 GiB: accepted; so is one prompt per batch,
+    # and flash-attention asked for by name
+    validate(model, dataclasses.replace(data, max_seq_length=16_384), lora, two, training)
+    validate(model, data, lora, dataclasses.replace(two, generation_batch_size=1), training)
+    validate(dataclasses.replace(model, attn_implementation="flash_attention_2"), data, lora, two, training)
+
+
+def test_pad_to_multiple_of_is_no_longer_recommended():
+    help_text = next(f for f in dataclasses.fields(DataArguments) if f.name == "pad_to_multiple_of").metadata["help"]
+    assert "Leave unset" in help_text and "8 suits" not in help_text
+
+
 # --- the real entry point ---------------------------------------------------------------------------------------
 
 
@@ -244,6 +272,7 @@ def test_train_cluster_help_lists_every_setting():
     assert headings == ["options", "model", "data", "LoRA", "memory (long context)",
                         "run (resume, overwrite, watchdog, preemption)",
                         "evaluation (ROUGE: eval_checkpoint.py / eval_all_checkpoints.sh)",
+                        "run plan (PLAN=1, python -m longctx.planner; training ignores these)",
                         "transformers TrainingArguments (optimizer, schedule, precision, logging, saving, eval loss)"]
     assert "usage: train_cluster.py --config CONFIG.yaml [--setting value ...]" in output.splitlines()[:2]
 

@@ -170,4 +170,4 @@ def test_the_quick_start_prints_no_warning(single_run, tmp_path):
         lines = (proc.stdout + proc.stderr).splitlines()
         assert [line for line in lines if "warning" in line.lower()] == []
     plan = [line for line in single_run[1].stdout.splitlines() if line.startswith("plan:")]
-    assert plan == ["plan: CPU run, no GPU memory limit to check (PLAN=1 prints the estimate)"]
+    assert plan == ["plan: CPU run, no GPU memory limit to check (PLAN=1 prints the plan)"]

@@ -1,5 +1,5 @@
 """longctx.loss.summary_loss: same loss and LoRA gradients as full-logit cross-entropy, step-level normalisation,
-and lm_head evaluated at label positions only."""
+lm_head evaluated at label positions only, and no seq x seq attention mask for right-padded batches."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from longctx.collate import PadCollator
 from longctx.settings import DataArguments, LoraArguments
 from longctx.data import IGNORE_INDEX, encode_record
-from longctx.loss import reference_loss, summary_loss
+from longctx.loss import model_inputs, reference_loss, summary_loss
 from longctx.modeling import apply_lora
 
 FILLER = "The court reviewed the written submissions filed by both sides. "
@@ -152,3 +152,55 @@ def test_lm_head_sees_only_label_positions(tiny_model, samples, collate):
     assert math.prod(ours_out[:-1]) == count and ours_out[-1] == vocab
     # the reference asks for every position: the hook measures what it should
     assert math.prod(ref_in[:-1]) == batch["input_ids"].numel() > count
+
+
+@pytest.fixture()
+def sdpa_masks(monkeypatch):
+    """The attn_mask of every call of torch's SDPA (transformers' sdpa attention looks the function up per call)."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        mask = kwargs.get("attn_mask")
+        seen.append(None if mask is None else tuple(mask.shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return seen
+
+
+def test_a_right_padded_batch_gets_no_attention_mask_and_the_same_loss_and_gradients(lora_model, samples, collate,
+                                                                                     sdpa_masks):
+    batch = collate(samples[:2])
+    longest = batch["input_ids"].shape[1]
+    assert (batch["attention_mask"] == 0).any() and "position_ids" in batch  # padded on the right
+    loss, _ = summary_loss(lora_model, batch)
+    loss.backward()
+    ours = lora_grads(lora_model)
+    lora_model.zero_grad(set_to_none=True)
+    layers = lora_model.config.num_hidden_layers
+    assert sdpa_masks == [None] * layers  # SDPA ran its causal kernel: no mask was built
+    sdpa_masks.clear()
+
+    # the same batch as before this change (the mask, no positions): transformers builds a (2, 1, seq, seq) mask
+    with_mask = {key: value for key, value in batch.items() if key != "position_ids"}
+    expected, _ = summary_loss(lora_model, with_mask)
+    expected.backward()
+    reference = lora_grads(lora_model)
+    assert sdpa_masks == [(2, 1, longest, longest)] * layers  # the mask the first run avoided: not vacuous
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    for name in reference:
+        assert reference[name].abs().sum() > 0, f"{name} has no gradient: the comparison would be vacuous"
+        torch.testing.assert_close(ours[name], reference[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_left_padding_keeps_its_mask():
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    left = {"input_ids": ids, "attention_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]),
+            "position_ids": torch.arange(4).repeat(2, 1)}
+    assert set(model_inputs(left)) == {"input_ids", "attention_mask", "position_ids"}
+    right = {**left, "attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])}
+    assert set(model_inputs(right)) == {"input_ids", "position_ids"}
+    # without position ids (a batch not built by the training collator) the mask stays, whatever the padding
+    assert set(model_inputs({"input_ids": ids, "attention_mask": right["attention_mask"]})) == {
+        "input_ids", "attention_mask"}

@@ -1,6 +1,7 @@
 """python -m longctx.planner and the launcher's PLAN knob: 009's config parsed as training parses it (the same
 refusals of a shortened or misspelled flag, training-only flags accepted, bf16 accepted on this GPU-less machine),
-the printed figures against the hand computations of tests/test_planner_estimate.py, exit statuses 0 / 2 / 3."""
+the printed figures against the hand computations of tests/test_planner_estimate.py and test_planner_schedule.py,
+the GPU count of the plan, the same text from the launcher as from the command line, exit statuses 0 / 2 / 3."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import REPO_ROOT, subprocess_env
 from longctx.planner import cli
-from longctx.train import parse_and_validate
+from longctx.train import main as train_main
 
 EXP_000 = REPO_ROOT / "experiments" / "000_tiny_smoke"
 EXP_009 = REPO_ROOT / "experiments" / "009_text_summary"
@@ -22,8 +23,10 @@ CONFIG_009 = str(EXP_009 / "config.yaml")
 
 @pytest.fixture(autouse=True)
 def no_launcher_environment(monkeypatch):
-    """The world size comes from --num_gpus or the DeepSpeed config here, not from a caller's launcher variables."""
-    for name in ("NUM_PROCESSES", "NUM_MACHINES", "WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED"):
+    """The world size comes from --num_gpus or plan_gpus here, not from a caller's launcher variables; the pinned
+    allocator has torch's defaults."""
+    for name in ("NUM_PROCESSES", "NUM_MACHINES", "WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED", "PYTORCH_ALLOC_CONF",
+                 "PYTORCH_CUDA_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -34,10 +37,7 @@ def test_009_configured_plan_fits_with_the_hand_computed_figures(capsys):
     # 80 - 56.49 = 23.51 GiB to spare; ZeRO-2 over 4 GPUs (009's DeepSpeed config, 4 when no launcher says)
     assert f"  {'estimated peak':<46}{'56.49 GiB':>11}" in out.splitlines()
     assert "  verdict: fits in 80 GiB (71%, 23.51 GiB to spare)." in out.splitlines()
-    assert "DeepSpeed ZeRO-2 over 4 GPU(s)" in out
-    # 36 layer inputs, each in a 2 GiB pinned block: 72 GiB per process, 4 processes on one machine 288 GiB
-    assert ("  host memory for offloaded activations: 72.00 GiB pinned per GPU process (x the GPUs of one machine: "
-            "288.00 GiB if all 4 share one)") in out.splitlines()
+    assert "DeepSpeed ZeRO-2 over 4 GPU(s)" in out  # plan_gpus: 4 in 009's config, on this GPU-less machine
     for part in ("weights", "LoRA + optimizer", "framework", "checkpointed layer inputs", "logits at label positions",
                  "one layer's recompute (MLP backward)", "one layer's recompute (attention backward)"):
         assert f"    {part:<44}" in out
@@ -56,6 +56,62 @@ def test_009_without_the_switches_does_not_fit_and_names_the_fix(capsys):
     assert "    --max_seq_length 164864  (with the current switches)" in out.splitlines()
 
 
+PLAN_009_SCHEDULE = [  # the hand computation of test_planner_schedule.test_009_schedule_for_1000_records
+    "Schedule on 4 GPU(s):",
+    "  train: data/legal_summaries/train.jsonl is absent: records from plan_train_records, tokens per sample from "
+    "plan_tokens_per_sample",
+    "    1,000 records: 1,000 kept, 0 dropped, 0 truncated for length; planned at 200,000 tokens per sample",
+    "  validation: data/legal_summaries/validation.jsonl is absent: records from plan_validation_records / "
+    "max_eval_samples, tokens per sample from plan_tokens_per_sample",
+    "    64 samples per evaluation; planned at 200,000 tokens per sample",
+    "  1 sample(s) x 8 gradient accumulation x 4 GPU(s) = 32 samples per optimizer step",
+    "  250 micro-batches per GPU and epoch -> 32 optimizer steps per epoch; 64 steps in all (2 epochs)",
+    # 33,030,144 adapter weights x (2 adapter + 2 DeepSpeed model states + 12 fp32 master and Adam) = 528,482,304
+    # bytes = 0.49 GiB; 10 of them 4.92 GiB
+    "  checkpoints (save_steps 0.1 -> every 7 steps): 10, at steps 7, 14, 21, 28, 35, 42, 49, 56, 63, 64 (end); "
+    "about 0.49 GiB each, 4.92 GiB in all",
+    "  evaluations (eval_steps 0.1 -> every 7 steps): 10, at steps 7, 14, 21, 28, 35, 42, 49, 56, 63, 64 (end)",
+]
+
+
+def test_009_plan_for_1000_records_of_200k_tokens(capsys):
+    assert cli.main(["--config", CONFIG_009]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = out.index("Schedule on 4 GPU(s):")
+    assert out[start:start + len(PLAN_009_SCHEDULE)] == PLAN_009_SCHEDULE
+    # one sample: 2 N T + ... with tiled_mlp (test_planner_schedule): 52.7e15 FLOPs at 0.35 x 989e12 = 152.2 s,
+    # + offload copies 2 x 36 x 200,000 x 2,560 x 2 bytes / 25e9 B/s = 2.9 s: 155.2 s = 2.6 min; a step of 8 per GPU:
+    # 1,241 s = 20.7 min; 250 per GPU and epoch: 38,790 s = 10.8 h; 500 in all: 21.5 h; each evaluation 10.2 min
+    # (test_eval_seconds_spread_over_the_gpus), 10 of them: 102 min; 77,581 + 6,131 = 83,712 s = 23.3 h
+    time = out[start + len(PLAN_009_SCHEDULE):start + len(PLAN_009_SCHEDULE) + 6]
+    assert time[0] == ("  time (estimate) at MFU 0.35 of 989 TFLOP/s per GPU (assumed, not measured: FlashAttention-2 "
+                       "reaches about 35% of an H100's bf16 peak (FlashAttention-3 paper); docs/benchmarks.md has no "
+                       "GPU measurement yet):")
+    assert time[2:] == ["    one sample 2.6 min (offload copies 3 s); one optimizer step 20.7 min; one epoch 10.8 h",
+                        "    training 21.5 h + 10 evaluation(s) of 10.2 min = 23.2 h in all",
+                        "    first checkpoint at step 7, after 2.6 h",
+                        "Evaluation plan per GPU (eval_checkpoint.py / eval_all_checkpoints.sh): the longest prompt "
+                        "262,144 tokens (max_seq_length: no length cache) + max_new_tokens 512, "
+                        "generation_batch_size 1"]
+    # 7 steps x 20.7 min + one evaluation of 10.2 min = 155 min: later than 2 h, so the plan says so
+    assert ("  - the first checkpoint comes at step 7, after 2.6 h (estimated): a crash before it loses all of that; "
+            "lower save_steps") in out
+
+
+@pytest.mark.parametrize("flags, env, expected", [
+    ([], {}, "on 4 GPU(s) (plan_gpus, the GPUs the experiment is sized for)"),
+    (["--num_gpus", "8"], {"NUM_PROCESSES": "2"}, "on 8 GPU(s) (--num_gpus)"),
+    ([], {"NUM_PROCESSES": "4", "NUM_MACHINES": "2"}, "on 8 GPU(s) (NUM_PROCESSES x NUM_MACHINES = 4 x 2)"),
+    (["--plan_gpus", "0"], {}, "on 1 GPU(s) (no launch size and no plan_gpus: 1)"),
+])
+def test_the_gpu_count_of_the_plan(capsys, monkeypatch, flags, env, expected):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["--config", CONFIG_009, *flags]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"Run plan for experiments/009_text_summary/config.yaml: Qwen/Qwen3-4B-Instruct-2507 {expected}"
+
+
 def test_a_cpu_plan_is_not_applicable(capsys):
     assert cli.main(["--config", CONFIG_009, "--device", "cpu", "--tiled_mlp", "false"]) == 0
     assert ("  verdict: CPU run, no GPU memory limit: the plan is not applicable (it does not block)."
@@ -65,10 +121,10 @@ def test_a_cpu_plan_is_not_applicable(capsys):
 @pytest.mark.parametrize("flag, value, meant", [("--lora_drop", "0.1", "--lora_dropout"),
                                                 ("--tiled_mpl", "true", "--tiled_mlp")])
 def test_a_shortened_or_misspelled_flag_is_refused_as_training_refuses_it(capsys, flag, value, meant):
-    expected = f"error: command line: unknown argument(s) ['{flag}', '{value}']. Did you mean '{meant}'?\n"
+    expected = f"error: command line: unknown setting '{flag}'. Did you mean '{meant}'?\n"
     # training (000's config: its bf16-free settings parse on this machine) refuses it with this line and exit 2
     with pytest.raises(SystemExit) as training_exit:
-        parse_and_validate(["--config", str(EXP_000 / "config.yaml"), flag, value])
+        train_main(["--config", str(EXP_000 / "config.yaml"), flag, value])
     assert training_exit.value.code == 2
     assert capsys.readouterr().err == expected
     assert cli.main(["--config", CONFIG_009, flag, value]) == cli.EXIT_BAD_CONFIG == 2
@@ -92,12 +148,11 @@ def test_a_bad_setting_exits_2_with_one_line(capsys, flags, message):
 
 
 def test_a_value_outside_a_settings_choices_exits_2_as_in_training(capsys):
-    with pytest.raises(SystemExit) as exit_info:  # argparse's own refusal, as for every Literal setting
-        cli.main(["--config", CONFIG_009, "--device", "gpu"])
-    assert exit_info.value.code == 2
-    last_line = capsys.readouterr().err.splitlines()[-1]  # after argparse's usage; choices quoted or not by version
-    assert "error: argument --device: invalid choice: 'gpu' (choose from " in last_line
-    assert "cuda" in last_line and "cpu" in last_line
+    assert cli.main(["--config", CONFIG_009, "--device", "gpu"]) == 2  # one line, as training refuses any bad value
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()  # choices quoted or not, by Python version
+    assert line.startswith("error: command line: argument --device: invalid choice: 'gpu' (choose from ")
+    assert line.endswith("); see --help for every setting.") and "cuda" in line and "cpu" in line
 
 
 def test_help_of_python_m_longctx_planner_lists_its_options_and_trainings_settings():
@@ -105,8 +160,11 @@ def test_help_of_python_m_longctx_planner_lists_its_options_and_trainings_settin
                             text=True, timeout=120, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert "python -m longctx.planner --config experiments/009_text_summary/config.yaml" in result.stdout
-    assert "Exit status: 0 fits (or not applicable: CPU), 3 does not fit, 2 bad configuration." in result.stdout
+    assert ("Exit status: 0 fits (or not applicable: CPU), 3 does not fit (GPU or host memory), 2 bad configuration."
+            in result.stdout)
     for flag in ("--gpu_memory_gib", "--num_gpus", "--device", "--label_tokens", "--experiment_dir",  # the planner's
+                 "--host_memory_gib", "--processes_per_machine",
+                 "--plan_gpus", "--plan_train_records", "--plan_tokens_per_sample", "--plan_mfu",  # PlanArguments
                  "--tiled_mlp", "--lora_dropout", "--max_seq_length", "--learning_rate", "--bf16", "--config"):
         assert f"\n  {flag} " in result.stdout, flag
 
@@ -125,33 +183,56 @@ def fake_gpu_path(tmp_path, memory_mib: int = 81559) -> str:
     return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
 
+# 009's data files are not on this machine; a launch (not PLAN=1) checks them, so it reads the tiny corpus
+TINY_DATA = ("--train_file", ".cache/tiny_smoke/data/train.jsonl", "--validation_file",
+             ".cache/tiny_smoke/data/validation.jsonl")
+
+
 def launch_009(tmp_path, *flags, **env):
     return subprocess.run(["bash", str(EXP_009 / "launch_train.sh"), *flags], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=180, env=subprocess_env(OUTPUT_DIR=str(tmp_path / "run"), **env))
 
 
-def test_launcher_plan_1_prints_the_plan_and_exits_0_without_a_gpu(tmp_path):
-    result = launch_009(tmp_path, PLAN="1")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "estimated peak" in result.stdout and "verdict: fits in 80 GiB" in result.stdout
-    assert "accelerate launch" not in result.stdout
+def test_the_launcher_prints_the_same_plan_as_the_command_line_on_a_laptop(tmp_path):
+    """009 on this GPU-less machine: the launcher's PLAN=1 and `python -m longctx.planner` with the same settings
+    (the launcher passes OUTPUT_DIR as --output_dir) print the same text, planned for 009's 4 GPUs."""
+    launched = launch_009(tmp_path, "--learning_rate", "5e-5", PLAN="1")
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    direct = subprocess.run([sys.executable, "-m", "longctx.planner", "--config", "experiments/009_text_summary/"
+                             "config.yaml", "--output_dir", str(tmp_path / "run"), "--learning_rate", "5e-5"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert direct.returncode == 0, direct.stderr[-2000:]
+    assert launched.stdout == direct.stdout
+    lines = launched.stdout.splitlines()
+    assert ("Run plan for experiments/009_text_summary/config.yaml: Qwen/Qwen3-4B-Instruct-2507 on 4 GPU(s) "
+            "(plan_gpus, the GPUs the experiment is sized for)") in lines
+    assert "  verdict: fits in 80 GiB (71%, 23.51 GiB to spare)." in lines
+    assert "accelerate launch" not in launched.stdout
+
+
+def test_launcher_plan_1_prints_a_plan_that_does_not_fit_and_refuses_a_bad_flag(tmp_path):
     result = launch_009(tmp_path, "--tiled_mlp", "false", "--offload_activations", "false", PLAN="1")
     assert result.returncode == 0 and "DOES NOT FIT" in result.stdout  # PLAN=1 prints; it does not judge
     result = launch_009(tmp_path, "--lora_drop", "0.1", PLAN="1")  # checking 009's settings on a laptop
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "error: command line: unknown argument(s) ['--lora_drop', '0.1']. Did you mean '--lora_dropout'?"]
+        "error: command line: unknown setting '--lora_drop'. Did you mean '--lora_dropout'?"]
 
 
-def test_launcher_stops_with_3_when_the_plan_does_not_fit_unless_overridden(tmp_path):
+def test_launcher_stops_with_3_when_the_plan_does_not_fit_unless_overridden(tmp_path, tiny_dir):
     path = fake_gpu_path(tmp_path)  # 81,559 MiB / 1,024 = 79.6 GiB
-    no_switches = ("--tiled_mlp", "false", "--offload_activations", "false")
+    no_switches = (*TINY_DATA, "--tiled_mlp", "false", "--offload_activations", "false")
     stopped = launch_009(tmp_path, *no_switches, DRY_RUN="1", PATH=path)
     assert stopped.returncode == 3, stopped.stdout[-2000:] + stopped.stderr[-2000:]
-    assert "fits in" not in stopped.stdout and "DOES NOT FIT in 79.6 GiB" in stopped.stdout
+    assert "verdict: DOES NOT FIT in 79.6 GiB" in stopped.stdout
     assert "PLAN_OVERRIDE=1" in stopped.stderr and "+ accelerate launch" not in stopped.stdout
     overridden = launch_009(tmp_path, *no_switches, DRY_RUN="1", PLAN_OVERRIDE="1", PATH=path)
     assert overridden.returncode == 0, overridden.stderr[-2000:]
     assert "+ accelerate launch" in overridden.stdout and "--tiled_mlp false" in overridden.stdout
-    fits = launch_009(tmp_path, DRY_RUN="1", PATH=path)
-    assert fits.returncode == 0 and "fits in 79.6 GiB" in fits.stdout and "+ accelerate launch" in fits.stdout
+    # the GPU count is the launch's now (1 GPU found): 131,072 tokens with tiled_mlp and the inputs on the GPU fit
+    fits = launch_009(tmp_path, *TINY_DATA, "--offload_activations", "false", "--max_seq_length", "131072",
+                      DRY_RUN="1", PATH=path)
+    assert fits.returncode == 0, fits.stdout[-3000:] + fits.stderr[-2000:]
+    assert "fits in 79.6 GiB" in fits.stdout and "+ accelerate launch" in fits.stdout
+    assert "on 1 GPU(s) (--num_gpus)" in fits.stdout
+

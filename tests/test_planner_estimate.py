@@ -161,14 +161,11 @@ def test_checkpointed_layer_inputs(tokens, expected):
     assert estimate(step).part(CHECKPOINTED).bytes == expected
 
 
-def test_offload_keeps_two_layer_inputs_on_the_gpu_and_the_rest_in_power_of_two_pinned_blocks():
+def test_offload_keeps_two_layer_inputs_on_the_gpu():
+    # the other 34 go to pinned host memory: tests/test_planner_host.py
     kept, offloaded = estimate(qwen3_4b_step(offload=False)), estimate(qwen3_4b_step())
     assert offloaded.part(CHECKPOINTED).bytes == CHECKPOINTED_OFFLOADED == 5_502_926_848  # 5.125 GiB
     assert kept.part(CHECKPOINTED).bytes - offloaded.part(CHECKPOINTED).bytes == 34 * LAYER_INPUT  # 42.5 GiB
-    # save_on_cpu puts each 1,342,177,280-byte layer input in pinned memory, which torch's pinned allocator
-    # rounds up to the next power of two: 2^31 = 2,147,483,648 (2 GiB); 36 of them = 77,309,411,328 (72 GiB)
-    assert offloaded.host_bytes == 77_309_411_328
-    assert kept.host_bytes == 0
 
 
 def test_lora_adapters_and_their_optimizer_state():

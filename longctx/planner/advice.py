@@ -86,7 +86,7 @@ def _verdict(memory: MemoryEstimate, gpu_memory_gib: float | None, tokens_per_sa
 
 
 def format_estimate(memory: MemoryEstimate, gpu_memory_gib: float | None, title: str, tokens_per_sample: int) -> str:
-    """The breakdown, the peak, host memory for offload, and the verdict with advice when it does not fit."""
+    """The breakdown, the peak, and the verdict with advice when it does not fit."""
     s = memory.shape
     switches = (f"activation_checkpointing={str(s.checkpointing).lower()}, tiled_mlp={str(s.tiled_mlp).lower()}"
                 + (f" ({s.tile_tokens}-token tiles)" if s.tiled_mlp else "")
@@ -107,9 +107,5 @@ def format_estimate(memory: MemoryEstimate, gpu_memory_gib: float | None, title:
         mark = "  <- peak" if p is peak_phase else ""
         lines.append(f"    {p.name:<{width}}{human_bytes(p.bytes):>11}   {p.note}{mark}")
     lines.append(f"  {'estimated peak':<{width + 2}}{human_bytes(memory.peak_bytes):>11}")
-    if memory.host_bytes and s.device == "cuda":
-        lines.append(f"  host memory for offloaded activations: {human_bytes(memory.host_bytes)} pinned per GPU "
-                     f"process (x the GPUs of one machine: {human_bytes(memory.host_bytes * s.world_size)} if all "
-                     f"{s.world_size} share one)")
     lines += [f"  note: {n}" for n in memory.notes]
     return "\n".join(lines + _verdict(memory, gpu_memory_gib, tokens_per_sample))

@@ -30,6 +30,7 @@ class Architecture:
     intermediate_size: int
     vocab_size: int
     tie_word_embeddings: bool = False
+    max_position_embeddings: int | None = None   # the longest context the model was trained for; None: not stated
     source: str = ""
 
     @classmethod
@@ -45,6 +46,8 @@ class Architecture:
                 intermediate_size=int(values["intermediate_size"]),
                 vocab_size=int(values["vocab_size"]),
                 tie_word_embeddings=bool(values.get("tie_word_embeddings", False)),
+                max_position_embeddings=(int(values["max_position_embeddings"])
+                                         if values.get("max_position_embeddings") else None),
                 source=source,
             )
         except KeyError as err:

@@ -7,9 +7,9 @@ the tensors a real layer saves in tests/test_planner_estimate.py):
   LoRA + optimizer       adapter weights on every GPU; fp32 master, gradient and Adam moments split over the
                          ZeRO world (all on one GPU without DeepSpeed); ZeRO's reduce buckets go to framework
   checkpointed inputs    layers x S x hidden x b (what activation checkpointing keeps between forward and
-                         backward), + the final norm's fp32 input; with offload_activations: host memory (each
-                         layer input in a pinned block, which torch's pinned allocator rounds up to a power of two),
-                         and the GPU keeps one layer's input in flight plus the one brought back for its recompute
+                         backward), + the final norm's fp32 input; with offload_activations they go to pinned host
+                         memory (longctx.planner.host), and the GPU keeps one layer's input in flight plus the one
+                         brought back for its recompute
   one layer's recompute  everything one decoder layer saves when its forward is recomputed in the backward (norm
                          inputs in fp32, q/k/v, attention output, MLP gate/act/up = 3 x intermediate, the adapters'
                          inputs or, with LoRA dropout, each adapter's dropped copy + mask), + the MLP's gradients and
@@ -80,7 +80,6 @@ class MemoryEstimate:
     shape: StepShape
     held: list[Part]                         # for the whole step, or from the forward to the backward
     phases: list[Part]                       # transient, one after another: the largest counts
-    host_bytes: float = 0.0                  # pinned host memory per process (offload)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -105,12 +104,6 @@ def human_bytes(num_bytes: float) -> str:
     if 0 < abs(num_bytes) < 0.1 * GIB:
         return f"{num_bytes / 2**20:.1f} MiB"
     return f"{num_bytes / GIB:.2f} GiB"
-
-
-def pinned_block_bytes(num_bytes: int) -> int:
-    """What torch's pinned host allocator (CachingHostAllocator) takes for one tensor: the size rounded up to a
-    power of two, so that freed blocks can be reused; save_on_cpu allocates each offloaded tensor there."""
-    return 1 << max(0, int(num_bytes) - 1).bit_length()
 
 
 def layer_saved_bytes_per_token(s: StepShape) -> dict[str, float]:
@@ -191,14 +184,18 @@ def attention_workspace_bytes(s: StepShape) -> float:
     return S * (grads + q * 4 + expanded)   # + the fp32 dq accumulator
 
 
+def adapter_parameters(arch: Architecture, lora_r: int, targets: tuple[str, ...]) -> int:
+    """LoRA weights: r x (in + out) per targeted projection, every layer."""
+    shapes = arch.linear_shapes()
+    return arch.num_hidden_layers * sum(lora_r * (shapes[m][0] + shapes[m][1]) for m in targets if m in shapes)
+
+
 def lora_parameter_count(s: StepShape) -> int:
-    shapes = s.arch.linear_shapes()
-    per_layer = sum(s.lora_r * (shapes[m][0] + shapes[m][1]) for m in s.lora_targets if m in shapes)
-    return per_layer * s.arch.num_hidden_layers
+    return adapter_parameters(s.arch, s.lora_r, s.lora_targets)
 
 
-def _checkpointed_inputs(s: StepShape, attention_saved: float, mlp_saved: float) -> tuple[list[Part], float, list[str]]:
-    """What is held between a layer's forward and its backward: (parts on the device, host bytes, notes)."""
+def _checkpointed_inputs(s: StepShape, attention_saved: float, mlp_saved: float) -> tuple[list[Part], list[str]]:
+    """What is held between a layer's forward and its backward: (parts on the device, notes)."""
     a, b, S = s.arch, s.act_bytes, s.tokens
     h, layers = a.hidden_size, a.num_hidden_layers
     layer_input = S * h * b
@@ -207,25 +204,22 @@ def _checkpointed_inputs(s: StepShape, attention_saved: float, mlp_saved: float)
         notes = (["offload_activations needs activation_checkpointing: it offloads the checkpointed inputs."]
                  if s.offload else [])
         return [Part("saved activations of the other layers", other_layers + S * h * 4,
-                     "no activation checkpointing: every layer keeps what it saves")], 0.0, notes
+                     "no activation checkpointing: every layer keeps what it saves")], notes
     name = "checkpointed layer inputs"
     layer_inputs = layers * layer_input + 2 * S * a.head_dim * b  # + rotary cos / sin, shared by the layers
     final_norm = S * h * 4
     if s.offload and s.device == "cpu":  # nothing is pinned on a CPU: the inputs are copied, not rounded
         return [Part(name, layer_inputs + final_norm,
                      f"{layers} layers x {human_bytes(layer_input)} + final norm {human_bytes(final_norm)}; "
-                     f"offload on a CPU: the host is where they already are")], layers * layer_input, []
+                     f"offload on a CPU: the host is where they already are")], []
     if s.offload:  # cos / sin arrive as keyword arguments, which the checkpoint does not pack: they stay
-        block = pinned_block_bytes(layer_input)
-        host = layers * block
         on_gpu = 2 * layer_input + 2 * S * a.head_dim * b  # one in flight + one back for its recompute
-        rounded = f", each in a {human_bytes(block)} pinned block" if block != layer_input else ""
         return [Part(name, on_gpu + final_norm,
-                     f"offloaded: {human_bytes(host)} in pinned host memory ({layers} x {human_bytes(layer_input)}"
-                     f"{rounded}); on the GPU one layer's input in flight + one back for its recompute, + final "
-                     f"norm {human_bytes(final_norm)}")], host, []
+                     f"offloaded: {layers} x {human_bytes(layer_input)} to pinned host memory (host memory below); "
+                     f"on the GPU one layer's input in flight + one back for its recompute, + final norm "
+                     f"{human_bytes(final_norm)}")], []
     return [Part(name, layer_inputs + final_norm,
-                 f"{layers} layers x {human_bytes(layer_input)} + final norm {human_bytes(final_norm)}")], 0.0, []
+                 f"{layers} layers x {human_bytes(layer_input)} + final norm {human_bytes(final_norm)}")], []
 
 
 def estimate(s: StepShape) -> MemoryEstimate:
@@ -252,7 +246,7 @@ def estimate(s: StepShape) -> MemoryEstimate:
         mlp_transient = S * mlp_transient_bytes_per_token(s)
     attention_saved = saved["attention"] * S
     incoming_grad = S * h * b  # d(hidden) arriving from the layer above
-    held_activations, host, notes = _checkpointed_inputs(s, attention_saved, mlp_saved)
+    held_activations, notes = _checkpointed_inputs(s, attention_saved, mlp_saved)
 
     recompute = Part("one layer's recompute (MLP backward)", attention_saved + mlp_saved + mlp_transient,
                      f"saved: attention {human_bytes(attention_saved)} + MLP {human_bytes(mlp_saved)}"
@@ -287,4 +281,4 @@ def estimate(s: StepShape) -> MemoryEstimate:
                                                               if s.zero_stage else "")),
             Part("framework", framework, framework_note),
             *held_activations]
-    return MemoryEstimate(s, held, [logits, recompute, attention], host_bytes=host, notes=notes)
+    return MemoryEstimate(s, held, [logits, recompute, attention], notes=notes)

@@ -1,0 +1,330 @@
+"""The run plan: everything checkable about a training run before a GPU is taken, as one text and an exit status.
+
+    make_run_plan(parsed, config_path, options) -> RunPlan(text, exit_status)
+
+`python -m longctx.planner` prints it, and the launcher runs it before every launch (PLAN=check) or alone (PLAN=1):
+the same settings give the same text wherever it runs, because the GPU count comes from the launch (--num_gpus,
+or NUM_PROCESSES x NUM_MACHINES) and otherwise from the GPUs the experiment is sized for (plan_gpus), never from
+the GPUs of the machine that prints it. Sections: the per-GPU memory of a step (estimate.py, advice.py), the
+pinned host memory of activation offload against the machine's (host.py), the schedule and its time (corpus.py,
+schedule.py, flops.py), the evaluation of a checkpoint (evaluation.py), and warnings.
+Exit status: 0 go, 3 does not fit (GPU memory, or host memory where --host_memory_gib is given), 2 bad setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import TrainingArguments
+
+from ..config import ConfigError, by_type, validate_attention_masks, validate_memory
+from ..records import DataError
+from ..settings import (DataArguments, GenerationArguments, LoraArguments, MemoryArguments, ModelArguments,
+                        PlanArguments)
+from .advice import fits, format_estimate
+from .architecture import ArchitectureError, load_architecture
+from .corpus import load_corpus
+from .estimate import (GIB, LORA_MODULES, StepShape, adapter_parameters, estimate, human_bytes,
+                       lora_parameter_count)
+from .evaluation import (EvalMemory, check_context_length, evaluation_memory, evaluation_seconds,
+                         format_evaluation)
+from .flops import default_mfu, training_flops
+from .host import format_host, host_memory
+from .schedule import (Batching, Pace, checkpoint_bytes, eval_seconds, format_schedule, sample_seconds, schedule,
+                       warnings)
+
+EXIT_GO, EXIT_BAD_CONFIG, EXIT_DOES_NOT_FIT = 0, 2, 3
+
+
+@dataclass
+class PlannerArguments:
+    """Options of the planner only, facts about the machine a launcher knows; every other setting is training's
+    own (PlanArguments among them)."""
+
+    gpu_memory_gib: float = field(
+        default=80.0, metadata={"help": "Memory of one GPU in GiB (the launcher passes the real one; default: the "
+                                        "80 GB H100 / A100 the reference experiment targets)."})
+    num_gpus: int | None = field(
+        default=None, metadata={"help": "GPUs of this launch (the launcher passes NUM_PROCESSES x NUM_MACHINES on a "
+                                        "machine with GPUs); unset: NUM_PROCESSES x NUM_MACHINES from the "
+                                        "environment, else plan_gpus, else 1."})
+    device: Literal["cuda", "cpu"] = field(
+        default="cuda", metadata={"help": "cuda: plan for a GPU; cpu: print the breakdown, the limit does not apply."})
+    label_tokens: int | None = field(
+        default=None, metadata={"help": "Summary tokens per sample (logit rows); default: max_new_tokens."})
+    experiment_dir: str | None = field(
+        default=None, metadata={"help": "Folder with the model_architecture.json (used when the model's config.json "
+                                        "cannot be read offline) and ds_config_zero2.json; default: the config's."})
+    host_memory_gib: float | None = field(
+        default=None, metadata={"help": "Host memory available to the training processes of this machine in GiB "
+                                        "(MemAvailable; the launcher passes it on a machine with GPUs). With "
+                                        "offload_activations, a plan that needs more stops with exit 3. Unset: "
+                                        "not compared."})
+    processes_per_machine: int | None = field(
+        default=None, metadata={"help": "Training processes sharing one machine's host memory; unset: "
+                                        "NUM_PROCESSES from the environment, else every GPU of the plan."})
+
+
+@dataclass
+class RunPlan:
+    text: str            # what is printed (an "error: ..." line when exit_status is 2)
+    exit_status: int     # 0 go, 3 does not fit (GPU or host memory), 2 bad setting
+
+
+def planned_gpus(options: PlannerArguments, plan: PlanArguments, env=os.environ) -> tuple[int, str]:
+    """(GPUs of the plan, where that number comes from): the launch's when it is known, else the experiment's."""
+    if options.num_gpus:
+        return options.num_gpus, "--num_gpus"
+    if env.get("NUM_PROCESSES"):
+        processes, machines = int(env["NUM_PROCESSES"]), int(env.get("NUM_MACHINES") or 1)
+        return processes * machines, f"NUM_PROCESSES x NUM_MACHINES = {processes} x {machines}"
+    if plan.plan_gpus:
+        return plan.plan_gpus, "plan_gpus, the GPUs the experiment is sized for"
+    return 1, "no launch size and no plan_gpus: 1"
+
+
+def _deepspeed_config(configured: str | dict | None, experiment_dir: Path | None,
+                      device: str) -> tuple[dict[str, Any], str | None]:
+    """The DeepSpeed config in use: the configured one, else the experiment's ds_config_zero2.json on GPUs (the
+    launcher adds it there by default)."""
+    if isinstance(configured, dict):
+        return configured, "inline"
+    candidate = configured
+    if candidate is None and device == "cuda" and experiment_dir is not None:
+        default = experiment_dir / "ds_config_zero2.json"
+        candidate = str(default) if default.is_file() else None
+    if candidate is None:
+        return {}, None
+    try:
+        return json.loads(Path(candidate).read_text(encoding="utf-8")), candidate
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"setting 'deepspeed' = {candidate!r}: cannot read it ({err}).") from err
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as typed from the working directory, so that an absolute and a relative spelling print alike."""
+    absolute = Path(path).resolve()
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+
+
+def lora_targets(lora: LoraArguments) -> tuple[str, ...]:
+    return tuple(LORA_MODULES if lora.lora_target_modules == ["all-linear"] else lora.lora_target_modules)
+
+
+def step_shape_from_settings(args: dict[type, Any], options: PlannerArguments, config_path: str | None,
+                             world: int) -> tuple[StepShape, str]:
+    """(the step's shape on one GPU, the title of the memory plan)."""
+    model, data, lora = args[ModelArguments], args[DataArguments], args[LoraArguments]
+    memory, gen, training = args[MemoryArguments], args[GenerationArguments], args[TrainingArguments]
+    experiment_dir = (Path(options.experiment_dir) if options.experiment_dir
+                      else Path(config_path).resolve().parent if config_path else None)
+    arch = load_architecture(model.model_name_or_path, experiment_dir)
+    ds, ds_path = _deepspeed_config(training.deepspeed, experiment_dir, options.device)
+    zero_settings = ds.get("zero_optimization", {})
+    zero = int(zero_settings.get("stage", 0))
+    bucket = zero_settings.get("reduce_bucket_size", 0)
+    bucket = arch.hidden_size ** 2 if bucket == "auto" else int(float(bucket))  # DeepSpeed's "auto": hidden^2
+    dtype = model.torch_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if options.device == "cuda" else "float32"
+    weight_bytes = 4 if dtype == "float32" else 2
+    act_bytes = 2 if (weight_bytes == 2 or training.bf16 or training.fp16) else 4
+    attention = model.attn_implementation
+    if attention == "auto":
+        attention = "flash_attention_2/sdpa" if options.device == "cuda" else "sdpa"
+    targets = lora_targets(lora)
+    batch = training.per_device_train_batch_size
+    labels = options.label_tokens if options.label_tokens is not None else gen.max_new_tokens
+    shape = StepShape(
+        arch=arch, tokens=batch * data.max_seq_length, label_tokens=batch * labels, act_bytes=act_bytes,
+        weight_bytes=weight_bytes, lora_r=lora.lora_r, lora_targets=targets, lora_dropout=lora.lora_dropout,
+        checkpointing=bool(training.activation_checkpointing), offload=memory.offload_activations,
+        tiled_mlp=memory.tiled_mlp, tile_tokens=memory.tiled_mlp_tile_tokens, attention=attention,
+        device=options.device, world_size=world, zero_stage=zero, reduce_bucket_elements=bucket,
+        lora_params_fp32=(zero == 0 and weight_bytes == 2),
+    )
+    where = "per GPU" if options.device == "cuda" else "per process (CPU)"
+    title = (f"Memory plan {where}: {data.max_seq_length:,} tokens x {batch} per micro-batch"
+             + (f" (DeepSpeed: {shown_path(ds_path)})" if ds_path and ds_path != "inline" else ""))
+    return shape, title
+
+
+def make_run_plan(parsed, config_path: str | None, options: PlannerArguments | None = None,
+                  record_counts: dict[str, int] | None = None) -> RunPlan:
+    """The run plan of parsed settings (longctx.config.parse_config's dataclasses, PlanArguments included).
+    `options`: the machine facts (else the PlannerArguments among `parsed`, else defaults); `record_counts`:
+    {"train": n, "validation": n} already counted by longctx.records.check_records, so the files are not read
+    again. Bad settings or data come back as exit status 2 with one "error: ..." line; nothing raises."""
+    try:
+        return _make_run_plan(by_type(parsed), config_path, options, record_counts or {})
+    except (ConfigError, ArchitectureError, DataError) as err:
+        return RunPlan(f"error: {err}", EXIT_BAD_CONFIG)
+
+
+def _make_run_plan(args, config_path, options, record_counts) -> RunPlan:
+    options = options or args.get(PlannerArguments) or PlannerArguments()
+    model, data, gen = args[ModelArguments], args[DataArguments], args[GenerationArguments]
+    training, memory_args = args[TrainingArguments], args[MemoryArguments]
+    plan = args.get(PlanArguments, PlanArguments())
+    validate_memory(memory_args, training)
+    validate_attention_masks(model, data, gen)
+    gpus, gpus_source = planned_gpus(options, plan)
+    shape, title = step_shape_from_settings(args, options, config_path, gpus)
+    step_memory = estimate(shape)
+    cuda = shape.device == "cuda"
+    limit = options.gpu_memory_gib if cuda else None
+    status = EXIT_DOES_NOT_FIT if limit is not None and not fits(step_memory, limit) else EXIT_GO
+    devices = f"{gpus} GPU(s)" if cuda else f"{gpus} process(es) (CPU)"
+    lines = [f"Run plan for {shown_path(config_path) if config_path else 'the command line'}: "
+             f"{model.model_name_or_path} on {devices} ({gpus_source})",
+             format_estimate(step_memory, limit, title, data.max_seq_length)]
+
+    corpus_args = (model, data, training.output_dir)
+    train = load_corpus("train", *corpus_args, plan.plan_train_records, plan.plan_tokens_per_sample,
+                        record_counts.get("train"))
+    validation = load_corpus("validation", *corpus_args, plan.plan_validation_records or data.max_eval_samples,
+                             plan.plan_tokens_per_sample, record_counts.get("validation"))
+    if cuda and shape.offload and train.kept:
+        per_row = training.per_device_train_batch_size
+        input_bytes_per_token = shape.act_bytes * shape.arch.hidden_size  # one layer input
+        # the corpus's own lengths when the cache gives them, else the typical sample and the longest allowed
+        lengths = set(train.lengths) if train.lengths is not None else {train.typical_tokens, data.max_seq_length}
+        tokens_of = {t * per_row * input_bytes_per_token: t * per_row for t in lengths}
+        processes = options.processes_per_machine or int(os.environ.get("NUM_PROCESSES") or gpus)
+        host = host_memory(shape.arch.num_hidden_layers, tokens_of, processes)
+        kept_on_gpu = estimate(shape.replace(offload=False)).peak_bytes
+        verdict = "fits" if kept_on_gpu <= limit * GIB else "does not fit"
+        host_lines, host_fits = format_host(host, tokens_of, options.host_memory_gib,
+                                            f"then {human_bytes(kept_on_gpu)} per GPU: {verdict} in {limit:g} GiB")
+        lines.append("\n".join(host_lines))
+        status = status if host_fits else EXIT_DOES_NOT_FIT
+
+    warned: list[str] = []
+    if train.records is None:
+        lines.append(f"Schedule: not planned: {train.source}; set plan_train_records (and plan_tokens_per_sample).")
+    elif train.kept == 0:
+        lines.append(f"Schedule: not planned: {train.source}")
+        warned.append(f"every one of the {train.records:,} training samples is planned longer than max_seq_length "
+                      f"{data.max_seq_length:,} and dropped (length_policy: drop): training would stop; raise "
+                      f"max_seq_length, set length_policy: truncate_document, or correct plan_tokens_per_sample")
+    else:
+        lines.append("\n".join(_schedule_and_evaluation(args, shape, options, plan, (gpus, devices), train,
+                                                        validation, warned)))
+    if warned:
+        lines.append("\n".join(["Warnings:"] + [f"  - {w}" for w in warned]))
+    return RunPlan("\n".join(lines), status)
+
+
+def _schedule_and_evaluation(args, shape: StepShape, options: PlannerArguments, plan: PlanArguments,
+                             gpus_and_name: tuple[int, str], train, validation, warned: list[str]) -> list[str]:
+    """The schedule and time lines, then (on a GPU) the evaluation plan; warnings go to `warned`."""
+    gen, training = args[GenerationArguments], args[TrainingArguments]
+    gpus, devices = gpus_and_name
+    arch, lora = shape.arch, lora_parameter_count(shape)
+    batching = Batching(
+        per_device_batch=training.per_device_train_batch_size, grad_accum=training.gradient_accumulation_steps,
+        gpus=gpus, epochs=training.num_train_epochs, max_steps=training.max_steps,
+        drop_last=training.dataloader_drop_last, save_strategy=str(getattr(training.save_strategy, "value",
+                                                                           training.save_strategy)),
+        save_steps=training.save_steps, eval_strategy=str(getattr(training.eval_strategy, "value",
+                                                                  training.eval_strategy)),
+        eval_steps=training.eval_steps, eval_delay=training.eval_delay or 0,
+        per_device_eval_batch=training.per_device_eval_batch_size)
+    run = schedule(train.kept, batching)
+    labels = options.label_tokens if options.label_tokens is not None else gen.max_new_tokens
+    deepspeed = shape.zero_stage > 0
+    ckpt = checkpoint_bytes(lora, deepspeed, training.save_only_model)
+    pace, basis = None, ["not estimated for a CPU run (plan_mfu and plan_gpu_peak_tflops describe a GPU)"]
+    if shape.device == "cuda":
+        mfu, mfu_source = default_mfu(plan.plan_mfu)
+        rate = mfu * plan.plan_gpu_peak_tflops * 1e12
+        per_sample, copies = sample_seconds(arch, train.sample_tokens(), labels, lora, rate, shape.checkpointing,
+                                            shape.tiled_mlp, shape.offload, shape.act_bytes)
+        pace = Pace(per_sample, copies, eval_seconds(arch, validation, labels, lora, rate, batching),
+                    per_sample * batching.per_device_batch)
+        longest = max(train.sample_tokens())
+        flops = training_flops(arch, longest, labels, lora, shape.checkpointing, shape.tiled_mlp)
+        basis = [f"MFU {mfu:g} of {plan.plan_gpu_peak_tflops:g} TFLOP/s per GPU ({mfu_source}):",
+                 f"a sample of {longest:,} tokens (the longest planned) executes {_flops(flops.executed)} FLOPs = "
+                 f"forward {_flops(flops.forward)} + recomputed forward {_flops(flops.recompute)} + backward "
+                 f"{_flops(flops.backward)} (model FLOPs, without the recomputation: {_flops(flops.model)})"]
+    lines = format_schedule(run, batching, train, validation, pace, ckpt, basis, devices)
+    warned += warnings(run, pace)
+    if shape.device == "cuda":
+        lines += _evaluation_lines(args, shape, options, gpus, validation, len(run.checkpoints) + 1, warned)
+    return lines
+
+
+def _flops(value: float) -> str:
+    return f"{value:.3g}".replace("e+", "e")
+
+
+def make_evaluation_plan(parsed, prompt_tokens: Sequence[int], gpus: int,
+                         experiment_dir: str | os.PathLike | None = None, gpu_memory_gib: float = 80.0,
+                         checkpoints: int = 1, where: str = "") -> RunPlan:
+    """The evaluation plan of eval_checkpoint.py / eval_all_checkpoints.sh from the tokenized validation prompts (a
+    tokenizer, no weights), for `gpus` evaluation processes scoring `checkpoints` adapters. Exit status 2 with one
+    "error: ..." line when a prompt + max_new_tokens runs past max_position_embeddings (`where` names the file in
+    it), 3 when it does not fit one GPU of `gpu_memory_gib`, else 0. `parsed` needs ModelArguments, LoraArguments
+    and GenerationArguments (PlanArguments, when present, give the MFU)."""
+    args = by_type(parsed)
+    model, gen = args[ModelArguments], args[GenerationArguments]
+    try:
+        arch = load_architecture(model.model_name_or_path, experiment_dir)
+        longest = max(prompt_tokens)
+        check_context_length(arch, longest, gen.max_new_tokens, where)
+    except (ConfigError, ArchitectureError) as err:
+        return RunPlan(f"error: {err}", EXIT_BAD_CONFIG)
+    weight_bytes = 4 if model.torch_dtype == "float32" else 2
+    lora = adapter_parameters(arch, args[LoraArguments].lora_r, lora_targets(args[LoraArguments]))
+    lines, memory = _evaluation_section(args, arch, weight_bytes, lora, prompt_tokens, (longest, "longest prompt"),
+                                        gpus, gpu_memory_gib, checkpoints)
+    return RunPlan("\n".join(lines), EXIT_GO if memory.peak_bytes <= gpu_memory_gib * GIB else EXIT_DOES_NOT_FIT)
+
+
+def _evaluation_section(args, arch, weight_bytes: int, lora: int, prompts: Sequence[int], longest: tuple[int, str],
+                        gpus: int, gpu_memory_gib: float, scorings: int) -> tuple[list[str], EvalMemory]:
+    """The evaluation plan's lines and memory; `longest`: (tokens of the longest prompt, where that comes from)."""
+    model, gen = args[ModelArguments], args[GenerationArguments]
+    plan = args.get(PlanArguments, PlanArguments())
+    flash = model.attn_implementation in ("auto", "flash_attention_2")  # auto without flash-attn: validated
+    memory = evaluation_memory(arch, longest[0], gen.max_new_tokens, gen.generation_batch_size, weight_bytes, lora,
+                               flash)
+    mfu, _ = default_mfu(plan.plan_mfu)
+    seconds = evaluation_seconds(arch, prompts, gen.max_new_tokens, gen.generation_batch_size, gpus,
+                                 mfu * plan.plan_gpu_peak_tflops * 1e12, weight_bytes, lora)
+    header = (f"Evaluation plan per GPU (eval_checkpoint.py / eval_all_checkpoints.sh): the longest prompt "
+              f"{longest[0]:,} tokens ({longest[1]}) + max_new_tokens {gen.max_new_tokens}, generation_batch_size "
+              f"{gen.generation_batch_size}")
+    return format_evaluation(memory, gpu_memory_gib, seconds, len(prompts), gpus, scorings, header), memory
+
+
+def _evaluation_lines(args, shape: StepShape, options: PlannerArguments, gpus: int, validation, scorings: int,
+                      warned: list[str]) -> list[str]:
+    """The run plan's evaluation section: the longest validation prompt from the length cache, else bounded by
+    max_seq_length; a prompt the evaluation would refuse is a warning here, not a stop."""
+    data, gen = args[DataArguments], args[GenerationArguments]
+    arch = shape.arch
+    known = validation.longest_prompt is not None
+    longest = validation.longest_prompt if known else data.max_seq_length
+    prompts = validation.prompt_lengths or validation.sample_tokens()
+    lines, memory = _evaluation_section(args, arch, shape.weight_bytes, lora_parameter_count(shape), prompts,
+                                        (longest, "length cache" if known else "max_seq_length: no length cache"),
+                                        gpus, options.gpu_memory_gib, scorings)
+    limit = arch.max_position_embeddings
+    if limit is not None and longest + gen.max_new_tokens > limit:
+        warned.append(f"evaluation refuses prompts over {limit - gen.max_new_tokens:,} tokens "
+                      f"(max_position_embeddings {limit:,} - max_new_tokens {gen.max_new_tokens})"
+                      + (f"; the longest validation prompt has {longest:,}" if known else
+                         f"; samples up to max_seq_length {data.max_seq_length:,} may have such prompts"))
+    if memory.peak_bytes > options.gpu_memory_gib * GIB:
+        warned.append("evaluation does not fit one GPU (evaluation plan above)")
+    return lines
