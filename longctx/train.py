@@ -16,6 +16,7 @@ from transformers.trainer_utils import enable_full_determinism
 
 from . import checkpoints
 from .callbacks import END_OF_RUN, ManifestCallback, WatchdogCallback
+from .chat import check_template
 from .checkpoints import FINAL_ADAPTER
 from .collate import PadCollator
 from .config import ConfigError, by_type, parse_config, resolved_config, validate
@@ -40,10 +41,11 @@ def parse_and_validate(argv: list[str] | None = None):
         data_args = by_type(parsed)[DataArguments]
         scans = {"train": check_records(data_args.train_file, data_args),
                  "validation": check_records(data_args.validation_file, data_args)}
+        template = check_template(by_type(parsed)[ModelArguments], data_args)  # before any record is tokenized
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    return parsed, config_path, scans
+    return parsed, config_path, scans, template
 
 
 def use_usable_records(scans: dict, data_args, output_dir: str) -> None:
@@ -87,7 +89,7 @@ def save_final_adapter(trainer: Trainer, tokenizer, output_dir: str, commit: str
 
 
 def main(argv: list[str] | None = None) -> None:
-    parsed, config_path, scans = parse_and_validate(argv)
+    parsed, config_path, scans, template = parse_and_validate(argv)
     args = by_type(parsed)
     model_args, data_args, lora_args = args[ModelArguments], args[DataArguments], args[LoraArguments]
     run_args, training_args = args[RunArguments], args[TrainingArguments]
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     git = git_commit()
     if is_main_process():
         write_run_info(output_dir, resolved_config(*parsed), config_path,
-                       {"git": git, "attn_implementation": attn, "dtype": str(dtype), "resumed_from": resume_from})
+                       {"git": git, "attn_implementation": attn, "dtype": str(dtype), "resumed_from": resume_from,
+                        **template})
 
     tokenizer = load_tokenizer(model_args)
     with training_args.main_process_first(desc="tokenize"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 from conftest import REPO_ROOT
-from eval_support import NAMES, copy_run, inprocess, line_count, rows_of
+from eval_support import NAMES, copy_run, inprocess, line_count, predictions_of, rows_of
 from launching import EVAL_000 as EVAL, Started, run
 
 from longctx.eval import cli
@@ -120,3 +120,41 @@ def test_follow_gives_up_after_its_timeout_with_status_1(scored_run, tmp_path, c
                        "--follow_timeout_seconds", "1")
     assert status == 1
     assert "no new checkpoint in 1 s and no final_adapter" in capsys.readouterr().err
+
+
+def test_predictions_cut_by_max_new_tokens_and_longer_references_are_counted(trained_run, tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path / "run")
+    assert inprocess(out, "--max_new_tokens", "1") == 0
+    captured = capsys.readouterr()
+    # The 4 validation references take 27, 31, 27 and 27 tokens (summary + <|im_end|>, test_eval_results): all are
+    # longer than 1 token, and the 95th percentile is the ceil(0.95 * 4) = 4th smallest, 31. Warned once, before
+    # the first checkpoint is generated from.
+    warning = ("warning: 4 of 4 validation references are longer than max_new_tokens=1 tokens (summary + end of "
+               "turn): their predictions are cut short, which lowers recall. max_new_tokens=31 would cover 95% of "
+               "the references.")
+    assert captured.err.splitlines().count(warning) == 1
+    assert captured.out.index("scored checkpoint-2 ") > 0 and warning not in captured.out
+    summary = (out / "eval_summary.md").read_text()
+    assert ("- References longer than max_new_tokens=1 tokens (summary + end of turn): 4 of 4; max_new_tokens=31 "
+            "would cover 95% of them.") in summary.splitlines()
+    written = []
+    for row in rows_of(out):
+        preds = predictions_of(out / row["checkpoint"])
+        assert (row["num_references_over_max_new_tokens"], row["reference_tokens_p95"]) == (4, 31)
+        # One new token: a prediction that is not empty did not end with <|im_end|> (it decodes to nothing), so it
+        # stopped at max_new_tokens.
+        written.append(sum(p["prediction"] != "" for p in preds))
+        assert written[-1] <= row["num_hit_max_new_tokens"] <= 4
+        assert f"; hit max_new_tokens {row['num_hit_max_new_tokens']}; references over max_new_tokens 4; " in \
+            captured.out
+    assert 4 in written  # the later checkpoints write a word for every prompt: all 4 hit the cap
+
+
+def test_evaluation_refuses_a_missing_chat_template_with_exit_2(trained_run, tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path / "run")
+    config = out / "run_config.yaml"
+    config.write_text(config.read_text().replace("chat_template: null", "chat_template: gone/template.jinja"))
+    assert inprocess(out) == 2
+    assert capsys.readouterr().err == ("error: setting 'chat_template' = 'gone/template.jinja': file not found; give "
+                                       "the .jinja file's path from the repository root (where the launchers run), "
+                                       "or leave it unset to use the tokenizer's own template.\n")

@@ -21,13 +21,14 @@ import torch
 
 from .. import checkpoints, report
 from ..checkpoints import FINAL_ADAPTER, Checkpoint
-from ..config import ConfigError, parse_config, validate_data, validate_generation
+from ..chat import check_template
+from ..config import ConfigError, parse_config, validate_chat_template, validate_data, validate_generation
 from ..settings import DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments
 from ..records import DataError, check_records
 from ..distributed import print0, teardown
 from ..metrics import ROUGE_TYPES, rouge_with_intervals
 from . import ranks, results
-from .generation import Evaluator
+from .generation import Evaluator, Prediction
 from .wandb_log import WandbLogger
 
 NOTHING_TO_SCORE = 3  # --preflight exit status: every checkpoint is already scored (the report was refreshed)
@@ -108,6 +109,7 @@ def parse_job(argv: list[str] | None) -> EvalJob:
         argv, (ModelArguments, DataArguments, LoraArguments, GenerationArguments, EvalArguments),
         tolerated_keys=all_setting_names())
     validate_data(data, need_train=False)
+    validate_chat_template(model_args)
     check_records(data.validation_file, data)
     validate_generation(gen)
     _check_positive(ev)
@@ -129,7 +131,7 @@ def parse_job(argv: list[str] | None) -> EvalJob:
                               f"--run_dir) to the training run's output directory.")
     else:
         raise ConfigError("setting 'checkpoint' is unset: pass --checkpoint DIR, or --all_checkpoints.")
-    settings = results.eval_settings(model_args, data, gen)
+    settings = results.eval_settings(model_args, data, gen, check_template(model_args, data))
     return EvalJob(model_args, data, gen, ev, run_dir, single, settings, results.fingerprint(settings))
 
 
@@ -176,14 +178,24 @@ def pending_checkpoints(job: EvalJob, done: set[str], warn: WarnOnce) -> tuple[l
     return todo, any(c.name == FINAL_ADAPTER for c in found)
 
 
-def results_row(job: EvalJob, ckpt: Checkpoint, evaluator: Evaluator, predictions: list[str], seconds: float,
+def prediction_counts(predictions: list[Prediction]) -> dict[str, int]:
+    """How many predictions were empty, had a reasoning block removed, or stopped at max_new_tokens."""
+    return {"num_empty": sum(not p.text for p in predictions),
+            "num_think_stripped": sum(p.think_stripped for p in predictions),
+            "num_hit_max_new_tokens": sum(p.hit_max_new_tokens for p in predictions)}
+
+
+def results_row(job: EvalJob, ckpt: Checkpoint, evaluator: Evaluator, predictions: list[Prediction], seconds: float,
                 num_processes: int) -> dict:
-    scores = rouge_with_intervals(predictions, [p.reference for p in evaluator.prompts])
+    scores = rouge_with_intervals([p.text for p in predictions], [p.reference for p in evaluator.prompts])
     return {
         "checkpoint": ckpt.name, "global_step": ckpt.global_step, **scores,
         "num_examples": len(evaluator.prompts), "num_dropped_for_length": evaluator.dropped,
-        "num_empty": sum(not p for p in predictions),
+        **prediction_counts(predictions),
+        "num_references_over_max_new_tokens": evaluator.references_over,
+        "reference_tokens_p95": evaluator.reference_tokens_p95,
         "validation_file": job.data.validation_file, "validation_sha256": job.settings["validation_sha256"],
+        "chat_template": job.settings["chat_template"], "chat_template_sha256": job.settings["chat_template_sha256"],
         "generation": evaluator.generation, "eval_fingerprint": job.fingerprint,
         "checkpoint_path": str(ckpt.path.resolve()), "num_processes": num_processes,
         "seconds": round(seconds, 2), "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -237,17 +249,19 @@ class Scoring:
             stop, status = True, 1
         return todo, stop, status
 
-    def record(self, ckpt: Checkpoint, predictions: list[str], seconds: float) -> None:
+    def record(self, ckpt: Checkpoint, predictions: list[Prediction], seconds: float) -> None:
         """Rank 0: predictions file, W&B, results row, and the line that says the checkpoint is scored."""
         row = results_row(self.job, ckpt, self.evaluator, predictions, seconds, self.state.num_processes)
         results.write_predictions(ckpt, self.evaluator.prompts, predictions, print0)
         if "wandb" in self.job.ev.report_to:
             self.logger = self.logger or WandbLogger(self.job.run_dir, self.job.ev.run_name)
-            self.logger.log(row, self.evaluator.prompts, predictions)
+            self.logger.log(row, self.evaluator.prompts, [p.text for p in predictions])
         results.save_row(self.job.results_path, row, print0)
         print0(f"scored {ckpt.name} (step {ckpt.global_step}): "
                + ", ".join(f"{m} {row[m]:.4f} [{row[m + '_low']:.3f}, {row[m + '_high']:.3f}]" for m in ROUGE_TYPES)
-               + f"; empty {row['num_empty']}/{row['num_examples']}; {row['seconds']:.1f} s")
+               + f"; empty {row['num_empty']}/{row['num_examples']}; think stripped {row['num_think_stripped']}; "
+                 f"hit max_new_tokens {row['num_hit_max_new_tokens']}; references over max_new_tokens "
+                 f"{row['num_references_over_max_new_tokens']}; {row['seconds']:.1f} s")
 
     def run(self) -> int:
         """Score until nothing is left (with --follow: until final_adapter is scored). Returns the exit status."""
