@@ -41,6 +41,7 @@ from .settings import DataArguments, ModelArguments
 PLACEHOLDERS = {"system": "⟦longctx:system⟧", "user": "⟦longctx:user⟧", "assistant": "⟦longctx:assistant⟧"}
 DOCUMENT_SEPARATOR = "\n\n"  # between the instruction and the document in the user turn
 BUILTIN = "tokenizer"  # run_info / eval settings value when chat_template is unset
+UNNAMED = "the tokenizer's chat template"  # how errors name a template when the caller gives no template_name
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _UNCLOSED_THINK = re.compile(r"^\s*<think>.*", re.DOTALL)  # reasoning cut off by max_new_tokens before </think>
 _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its length, plain_text_tokenizer)
@@ -124,7 +125,7 @@ class ChatFormat:
     """The template split once into ids around the contents; `encode` then tokenizes a record's document and summary
     only. Picklable and deterministic to hash, so datasets.map caches what it produces."""
 
-    def __init__(self, tokenizer, data: DataArguments, template: str = "the tokenizer's chat template"):
+    def __init__(self, tokenizer, data: DataArguments, template: str = UNNAMED):
         self.max_seq_length, self.length_policy = data.max_seq_length, data.length_policy
         self.plain = plain_text_tokenizer(tokenizer)
         text = _render(tokenizer, data, template)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..chat import ChatFormat, strip_reasoning, template_name
+from ..chat import UNNAMED, ChatFormat, strip_reasoning, template_name
 from ..checkpoints import Checkpoint
 from ..collate import PadCollator
 from ..data import load_records, record_id
@@ -48,8 +48,7 @@ class Prediction:
     hit_max_new_tokens: bool  # stopped by max_new_tokens, not by an end-of-turn token
 
 
-def build_prompts(tokenizer, data: DataArguments, template: str = "the tokenizer's chat template"
-                  ) -> tuple[list[Prompt], int]:
+def build_prompts(tokenizer, data: DataArguments, template: str = UNNAMED) -> tuple[list[Prompt], int]:
     """Validation prompts: each record's training prompt ids (ChatFormat.encode of document + reference, under the
     length policy). Returns (prompts, number dropped for length)."""
     chat = ChatFormat(tokenizer, data, template)
@@ -75,9 +74,12 @@ def reference_lengths(prompts: list[Prompt], max_new_tokens: int) -> tuple[int, 
 
 
 def decode_prediction(tokenizer, new_ids: list[int], stop_ids: list[int]) -> Prediction:
+    """The generated ids of one prompt -> Prediction. generate stops a row at a stop token or at max_new_tokens (a row
+    finished early holds its stop token, then padding), so ids without any stop token reached max_new_tokens.
+    skip_special_tokens drops `<|im_end|>` but keeps `<think>` (an added token, not a special one): hence the strip."""
     raw = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
     text, think = strip_reasoning(raw)
-    return Prediction(text, raw, think, not any(i in stop_ids for i in new_ids))
+    return Prediction(text, raw, think, set(stop_ids).isdisjoint(new_ids))
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
