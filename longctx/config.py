@@ -174,6 +174,15 @@ def validate_data(data: DataArguments, need_train: bool = True, files_at_hand: b
         _check(value is None or value > 0, name, value, "use a positive integer or leave it unset.")
 
 
+def validate_chat_template(model: ModelArguments) -> None:
+    """chat_template names a readable file (training and evaluation both check it before anything is loaded)."""
+    path = model.chat_template
+    if path is not None:
+        _check(Path(path).is_file(), "chat_template", path,
+               "file not found; give the .jinja file's path from the repository root (where the launchers run), or "
+               "leave it unset to use the tokenizer's own template.")
+
+
 def validate_generation(gen: GenerationArguments) -> None:
     """The generation settings (training validates them too, so a bad value stops the run before, not after)."""
     _check(gen.max_new_tokens > 0, "max_new_tokens", gen.max_new_tokens, "use a positive number of tokens.")
@@ -242,6 +251,7 @@ def validate(*parsed, files_at_hand: bool = True) -> None:
     model, data, lora, gen = args[ModelArguments], args[DataArguments], args[LoraArguments], args[GenerationArguments]
     run, training = args.get(RunArguments, RunArguments()), args[TrainingArguments]
     validate_data(data, files_at_hand=files_at_hand)
+    validate_chat_template(model)
     validate_memory(args.get(MemoryArguments, MemoryArguments()), training)
     _check(lora.lora_r > 0, "lora_r", lora.lora_r, "use a positive rank such as 8, 16 or 64.")
     _check(lora.lora_alpha > 0, "lora_alpha", lora.lora_alpha, "use a positive value, typically 2 x lora_r.")

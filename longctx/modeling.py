@@ -31,7 +31,10 @@ def resolve_dtype(requested: str = "auto") -> torch.dtype:
 
 
 def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
+    """The tokenizer, with the chat_template file's text as its template when that setting is given."""
     from transformers import AutoTokenizer
+
+    from .chat import ChatTemplateError, read_template
 
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path,
@@ -39,9 +42,12 @@ def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if model_args.chat_template:  # saved with the adapter (save_pretrained), so the adapter carries its template
+        tokenizer.chat_template = read_template(model_args.chat_template)
     if tokenizer.chat_template is None:
-        raise ValueError(f"tokenizer of '{model_args.model_name_or_path}' has no chat template; use an instruct "
-                         f"model or set tokenizer_name_or_path to a tokenizer that has one.")
+        raise ChatTemplateError(f"tokenizer of '{model_args.model_name_or_path}' has no chat template; use an "
+                                f"instruct model, set tokenizer_name_or_path to a tokenizer that has one, or set "
+                                f"chat_template.")
     tokenizer.padding_side = padding_side
     return tokenizer
 

@@ -20,12 +20,13 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from . import checkpoints, status
+from .chat import check_template
 from .config import ConfigError, SettingsParser, by_type, parse_config, resolved_config, validate
 from .planner.architecture import ArchitectureError
 from .planner.runplan import PlannerArguments, make_run_plan
 from .records import DataError, check_records
 from .rundir import check_output_dir, run_identity, start_afresh
-from .settings import DATACLASSES, DataArguments, RunArguments
+from .settings import DATACLASSES, DataArguments, ModelArguments, RunArguments
 
 
 @dataclass
@@ -67,7 +68,8 @@ def check_run_dir(parsed, facts: LaunchFacts) -> str:
     """OUTPUT_DIR: new, the same run resumed, or refused (ConfigError); returns the summary line. Writes nothing."""
     args = by_type(parsed)
     training = args[TrainingArguments]
-    identity = run_identity(resolved_config(*parsed), facts.world_size)
+    identity = run_identity(resolved_config(*parsed), facts.world_size,
+                            check_template(args[ModelArguments], args[DataArguments]))
     run = args[RunArguments]
     run.overwrite = run.overwrite or facts.overwrite
     resume_from = check_output_dir(run, training.output_dir, identity, training.max_steps)

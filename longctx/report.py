@@ -3,8 +3,9 @@
     python -m longctx.report runs/000_tiny_smoke     # redraw; eval_all_checkpoints.sh does this after scoring
 
 Writes into the run directory:
-  eval_summary.md     table by step (ROUGE with 95% bootstrap intervals, eval loss, empty predictions), the best
-                      checkpoint by ROUGE-Lsum and by eval loss, the generation settings
+  eval_summary.md     table by step (ROUGE with 95% bootstrap intervals, eval loss; predictions empty, with a
+                      reasoning block removed, stopped by max_new_tokens), the best checkpoint by ROUGE-Lsum and by
+                      eval loss, the generation settings, the references longer than max_new_tokens
   rouge_by_step.png   ROUGE-1/2/L/Lsum against global step, interval bands, best ROUGE-Lsum starred
   rouge_by_step.csv   the plotted points: step, checkpoint, each metric with its interval (_low, _high)
   loss_curve.png      train and eval loss from trainer_state.json, checkpoint steps and the best one marked
@@ -94,8 +95,14 @@ def summary_markdown(rows: list[dict], trainer_state: dict, run_dir: str | Path 
                          + (f", {dropped} dropped for length." if dropped else "."))
         if latest.get("generation"):
             lines.append("- Generation: " + ", ".join(f"{k}={v}" for k, v in latest["generation"].items()) + ".")
+        if latest.get("num_references_over_max_new_tokens") is not None:
+            lines.append(f"- References longer than max_new_tokens={latest['generation']['max_new_tokens']} tokens "
+                         f"(summary + end of turn): {latest['num_references_over_max_new_tokens']} of "
+                         f"{latest['num_examples']}; max_new_tokens={latest['reference_tokens_p95']} would cover 95% "
+                         f"of them.")
         lines.append("- ROUGE: rouge_score, stemmed, F-measure as fractions; [low, high] is the 95% bootstrap "
-                     "interval. Empty predictions score 0.")
+                     "interval. Empty predictions score 0. Reasoning blocks (`<think>...</think>`) are removed "
+                     "before scoring (column think); column max: predictions stopped by max_new_tokens.")
         lines.append("")
     if best:
         lines.append(f"**Best by ROUGE-Lsum:** {best['checkpoint']} (step {best['global_step']}): "
@@ -105,16 +112,18 @@ def summary_markdown(rows: list[dict], trainer_state: dict, run_dir: str | Path 
                      f"eval loss {losses[best_loss['global_step']]:.4f}.")
     elif rows:
         lines.append("**Best by eval loss:** no eval loss in trainer_state.json at the scored steps.")
-    lines += ["", "| checkpoint | step | " + " | ".join(LABELS[m] for m in ROUGE_TYPES) + " | eval loss | empty | n |",
-              "|---|---:|" + "---:|" * len(ROUGE_TYPES) + "---:|---:|---:|"]
+    counts = ("num_empty", "num_think_stripped", "num_hit_max_new_tokens")
+    lines += ["", "| checkpoint | step | " + " | ".join(LABELS[m] for m in ROUGE_TYPES)
+              + " | eval loss | empty | think | max | n |",
+              "|---|---:|" + "---:|" * len(ROUGE_TYPES) + "---:|" * (len(counts) + 2)]
     for r in rows:
         name = f"**{r['checkpoint']}**" if r is best else r["checkpoint"]
         loss = losses.get(r["global_step"])
         lines.append(f"| {name} | {r['global_step']} | " + " | ".join(_cell(r, m) for m in ROUGE_TYPES)
-                     + f" | {'' if loss is None else f'{loss:.4f}'} | {r.get('num_empty', '')} "
-                       f"| {r['num_examples']} |")
+                     + f" | {'' if loss is None else f'{loss:.4f}'} | "
+                     + " | ".join(str(r.get(c, "")) for c in counts) + f" | {r['num_examples']} |")
     if not rows:
-        lines.append("| (no checkpoint scored yet) |" + " |" * (len(ROUGE_TYPES) + 4))
+        lines.append("| (no checkpoint scored yet) |" + " |" * (len(ROUGE_TYPES) + len(counts) + 3))
     lines += ["", f"![ROUGE by step]({ROUGE_PLOT})", "", f"![Loss]({LOSS_PLOT})", ""]
     return "\n".join(lines)
 

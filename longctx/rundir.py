@@ -59,7 +59,7 @@ LAUNCH_SETTINGS = frozenset({
     "trackio_static_space_id",
     "train_file", "validation_file", "chat_template",  # compared by content (sha256), not by path
 })
-DATA_FILES = ("train_file", "validation_file", "chat_template")
+DATA_FILES = ("train_file", "validation_file")
 RUN_OUTPUTS = (  # what a run writes into OUTPUT_DIR: OVERWRITE=1 removes these (and checkpoint-*), nothing else
     FINAL_ADAPTER, f".{FINAL_ADAPTER}.tmp", RUN_CONFIG, RUN_INFO, WANDB_RUN, LENGTH_REPORT, BAD_RECORDS_REPORT,
     "data_usable", "wandb", LENGTH_CACHE, "eval_results.jsonl", "eval_summary.md", "rouge_by_step.png", "rouge_by_step.csv",
@@ -67,11 +67,13 @@ RUN_OUTPUTS = (  # what a run writes into OUTPUT_DIR: OVERWRITE=1 removes these 
 )
 
 
-def run_identity(config: dict[str, Any], world_size: int) -> dict[str, Any]:
+def run_identity(config: dict[str, Any], world_size: int, template: dict[str, str]) -> dict[str, Any]:
     """What makes two launches the same run: every setting that changes the trained weights, the content of the
-    data files (and chat template) and the number of processes (it sets the samples per optimizer step)."""
+    data files, the chat template in use (`longctx.chat.template_record`: the tokenizer's own one can change with a
+    hub snapshot) and the number of processes (it sets the samples per optimizer step)."""
     settings = {k: v for k, v in config.items() if k not in LAUNCH_SETTINGS}
     files = {name: sha256_file(config[name]) for name in DATA_FILES if config.get(name)}
+    files["chat_template"] = template["chat_template_sha256"]
     return {"settings": settings, "files_sha256": files, "world_size": world_size}
 
 
@@ -199,6 +201,16 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def visible_gpus() -> list[str]:
+    """This process's GPUs as CUDA_VISIBLE_DEVICES names them (indices or UUIDs); all of the machine's when unset."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu for gpu in listed.split(",") if gpu]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 def write_run_info(output_dir: str, config: dict, config_path: str | None, extra: dict) -> None:
     """OUTPUT_DIR/run_config.yaml (every setting's final value) and run_info.json (commit, versions, command)."""
     out = Path(output_dir)
@@ -206,5 +218,7 @@ def write_run_info(output_dir: str, config: dict, config_path: str | None, extra
     write_atomic(out / RUN_CONFIG, yaml.safe_dump(config, sort_keys=True))
     info = {"packages": package_versions(), "python": platform.python_version(),
             "command": [sys.executable, *sys.argv], "config_file": config_path,
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")), **extra}
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "machine": {"host": socket.gethostname(), "gpus": visible_gpus()},  # evaluation --follow compares
+            **extra}
     write_atomic(out / RUN_INFO, json.dumps(info, indent=2))

@@ -25,6 +25,12 @@ class ModelArguments:
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer, when it is not stored with the model."}
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template (.jinja file, path from the repository root) for training and evaluation, "
+                          "in place of the tokenizer's own: pins the template, so results do not depend on the hub "
+                          "snapshot a machine downloads. Unset: the tokenizer's template."},
+    )
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = field(
         default="auto",
         metadata={"help": "auto: flash_attention_2 when flash_attn imports on CUDA, else PyTorch sdpa. "

@@ -59,8 +59,8 @@ def start_wandb_run(output_dir: str, run_name: str | None, config: dict) -> str:
     project = os.environ.get("WANDB_PROJECT") or recorded.get("project") or "huggingface"
     run = wandb.init(id=recorded.get("id"), resume="allow", project=project, name=run_name, dir=output_dir,
                      config=config)  # id None: W&B makes one, kept below for every later launch
-    write_atomic(Path(output_dir) / WANDB_RUN, json.dumps(
-        {"id": run.id, "project": run.project, "name": run.name, "mode": run.settings.mode}))
+    write_atomic(Path(output_dir) / WANDB_RUN, json.dumps(  # what evaluation recorded there stays
+        {**recorded, "id": run.id, "project": run.project, "name": run.name, "mode": run.settings.mode}))
     print0(f"W&B: run {run.id} ({run.settings.mode}"
            f"{', continued' if recorded.get('id') else ''}; its id is kept in {Path(output_dir) / WANDB_RUN})")
     return run.id

@@ -19,6 +19,7 @@ from transformers.trainer_utils import enable_full_determinism
 
 from . import checkpoints, status
 from .callbacks import END_OF_RUN, ManifestCallback, WatchdogCallback
+from .chat import check_template
 from .checkpoints import FINAL_ADAPTER
 from .collate import PadCollator
 from .config import ConfigError, by_type, parse_config, resolved_config, validate
@@ -61,7 +62,7 @@ def use_usable_records(scans: dict, data_args, output_dir: str) -> None:
         f"; listed in {Path(output_dir) / BAD_RECORDS_REPORT}")
 
 
-def prepare_run(parsed, config_path: str | None) -> dict:
+def prepare_run(parsed, config_path: str | None, template: dict[str, str]) -> dict:
     """One process for the whole job (global rank 0): read every record of the data files, decide what to do with
     OUTPUT_DIR (resume the same run, start afresh, or refuse), write the usable copies and the run's record. Every
     rank receives the verdict, or the same ConfigError / DataError."""
@@ -70,8 +71,7 @@ def prepare_run(parsed, config_path: str | None) -> dict:
     out = Path(training.output_dir)
     scans = {"train": check_records(data_args.train_file, data_args),
              "validation": check_records(data_args.validation_file, data_args)}
-    config = resolved_config(*parsed)
-    identity = run_identity(config, training.world_size)
+    identity = run_identity(resolved_config(*parsed), training.world_size, template)
     resume_from = check_output_dir(run_args, str(out), identity, training.max_steps)
     if run_args.overwrite and out.is_dir():
         removed = start_afresh(out)
@@ -114,6 +114,7 @@ def train(argv: list[str] | None = None) -> None:
     parsed, config_path, _ = parse_config(argv)
     validate(*parsed)
     args = by_type(parsed)
+    template = check_template(args[ModelArguments], args[DataArguments])  # before any record is tokenized
     model_args, data_args, lora_args = args[ModelArguments], args[DataArguments], args[LoraArguments]
     run_args, training_args = args[RunArguments], args[TrainingArguments]
     output_dir = training_args.output_dir
@@ -121,7 +122,7 @@ def train(argv: list[str] | None = None) -> None:
     preemption.install()  # from here on SIGTERM / SIGUSR1 mean: stop at the next optimizer step, with a checkpoint
 
     configured_files = {"train": data_args.train_file, "validation": data_args.validation_file}
-    run = on_rank_zero(lambda: prepare_run(parsed, config_path))
+    run = on_rank_zero(lambda: prepare_run(parsed, config_path, template))
     data_args.train_file, data_args.validation_file = run["train_file"], run["validation_file"]
     if run["shared_check"]:
         check_shared_output_dir(output_dir, run["shared_check"])  # every rank has read the token (all-gather)
@@ -139,10 +140,10 @@ def train(argv: list[str] | None = None) -> None:
     if is_main_process():
         write_run_info(output_dir, config, config_path,
                        {"git": run["git"], "attn_implementation": attn, "dtype": str(dtype),
-                        "resumed_from": run["resume_from"], "identity": run["identity"]})
+                        "resumed_from": run["resume_from"], "identity": run["identity"], **template})
         if wants_wandb(training_args):
             start_wandb_run(output_dir, training_args.run_name,
-                            {**config, "git_commit": run["git"]["commit"], "git_dirty": run["git"]["dirty"],
+                            {**config, **template, "git_commit": run["git"]["commit"], "git_dirty": run["git"]["dirty"],
                              "files_sha256": run["identity"]["files_sha256"], "world_size": training_args.world_size})
         (Path(output_dir) / SHARED_CHECK).unlink(missing_ok=True)
 

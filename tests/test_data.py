@@ -1,4 +1,5 @@
-"""longctx.data: label masking, length policy + report."""
+"""longctx.data: label masking, length policy + report, with the tiny tokenizer (000's). The real Qwen3 tokenizer
+and templates: tests/test_chat.py."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import pytest
 
 from conftest import write_jsonl
+from longctx.chat import ChatFormat
 from longctx.data import IGNORE_INDEX, LENGTH_REPORT, encode_record, tokenize_split, write_length_report
 from longctx.records import DataError
 from longctx.settings import DataArguments
@@ -19,9 +21,13 @@ def record(i: int, sentences: int, summary: str = SUMMARY) -> dict:
     return {"id": f"case-{i}", "document": f"CASE FILE {i}. " + SENTENCE * sentences, "summary": summary}
 
 
+def encode(tokenizer, rec: dict, index: int = 0, data: DataArguments | None = None, split: str = "train") -> dict:
+    data = data or DataArguments(max_seq_length=4096)
+    return encode_record(rec, index, chat=ChatFormat(tokenizer, data), data=data, split=split)
+
+
 def total_tokens(tokenizer, rec: dict, **data_kwargs) -> int:
-    out = encode_record(rec, 0, tokenizer=tokenizer, data=DataArguments(max_seq_length=10**9, **data_kwargs),
-                        split="train")
+    out = encode(tokenizer, rec, data=DataArguments(max_seq_length=10**9, **data_kwargs))
     assert out["length_action"] == "keep"
     return len(out["input_ids"])
 
@@ -33,8 +39,10 @@ def total_tokens(tokenizer, rec: dict, **data_kwargs) -> int:
 def test_labels_mask_exactly_the_prompt(tiny_tokenizer, system_prompt):
     data = DataArguments(max_seq_length=4096, system_prompt=system_prompt)
     rec = record(1, 3)
-    out = encode_record(rec, 7, tokenizer=tiny_tokenizer, data=data, split="train")
+    out = encode(tiny_tokenizer, rec, 7, data)
 
+    # The tiny template renders the assistant turn right after its generation prompt, so the prompt is exactly what
+    # transformers renders and tokenizes with add_generation_prompt.
     messages = [{"role": "user", "content": f"{data.instruction}\n\n{rec['document']}"}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
@@ -48,7 +56,9 @@ def test_labels_mask_exactly_the_prompt(tiny_tokenizer, system_prompt):
     assert labels[:n] == [IGNORE_INDEX] * n
     assert labels[n:] == ids[n:]
     assert IGNORE_INDEX not in labels[n:]
-    assert tiny_tokenizer.decode(labels[n:]) == SUMMARY + "<|im_end|>\n"
+    # the summary and its end-of-turn token; the template's "\n" after <|im_end|> is never predicted, so not labelled
+    assert tiny_tokenizer.decode(labels[n:]) == SUMMARY + "<|im_end|>"
+    assert labels[-1] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert (out["prompt_tokens"], out["summary_tokens"]) == (n, len(ids) - n)
     if system_prompt:
         assert system_prompt in tiny_tokenizer.decode(ids[:n])
@@ -56,7 +66,7 @@ def test_labels_mask_exactly_the_prompt(tiny_tokenizer, system_prompt):
 
 def test_record_without_id_is_named_by_split_and_row(tiny_tokenizer):
     rec = {"document": "A short document.", "summary": "Short."}
-    out = encode_record(rec, 5, tokenizer=tiny_tokenizer, data=DataArguments(max_seq_length=4096), split="validation")
+    out = encode(tiny_tokenizer, rec, 5, split="validation")
     assert out["id"] == "validation:5"
 
 
@@ -78,8 +88,7 @@ def test_drop_removes_long_sample_and_reports_it(tiny_tokenizer, mixed_split):
     data = DataArguments(max_seq_length=limit, length_policy="drop")
     kept, report = tokenize_split(path, "train", tiny_tokenizer, data)
 
-    expected = [encode_record(r, i, tokenizer=tiny_tokenizer, data=data, split="train")
-                for i, r in enumerate(records) if i != 1]
+    expected = [encode(tiny_tokenizer, r, i, data) for i, r in enumerate(records) if i != 1]
     assert len(kept) == 2
     assert kept.column_names == ["input_ids", "labels"]
     assert [row["input_ids"] for row in kept] == [e["input_ids"] for e in expected]
@@ -100,21 +109,20 @@ def test_truncate_document_keeps_instruction_and_summary(tiny_tokenizer, mixed_s
     assert len(kept) == 3
 
     cut = kept[1]
-    assert len(cut["input_ids"]) <= limit
+    assert len(cut["input_ids"]) == limit  # English text: the cut falls between characters, the sample fills it
     text = tiny_tokenizer.decode(cut["input_ids"])
     assert data.instruction in text
     assert "CASE FILE 1." in text  # the start of the document stays; its end is cut
     assert text.count(SENTENCE.strip()) < 20
     targets = [t for t in cut["labels"] if t != IGNORE_INDEX]
-    assert tiny_tokenizer.decode(targets) == SUMMARY + "<|im_end|>\n"
+    assert tiny_tokenizer.decode(targets) == SUMMARY + "<|im_end|>"
     # the untouched samples are exactly what encode_record gives
-    assert kept[0]["input_ids"] == encode_record(records[0], 0, tokenizer=tiny_tokenizer, data=data,
-                                                 split="train")["input_ids"]
+    assert kept[0]["input_ids"] == encode(tiny_tokenizer, records[0], 0, data)["input_ids"]
 
     assert len(report) == 1
     row = report[0]
     assert row["id"] == "case-1" and row["length_action"] == "truncate"
-    assert row["document_tokens_removed"] > 0
+    assert row["document_tokens_removed"] == lengths[1] - limit  # exactly the overflow
     assert row["original_tokens"] == lengths[1]
     assert row["prompt_tokens"] + row["summary_tokens"] == len(cut["input_ids"])
 

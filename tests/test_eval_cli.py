@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 from conftest import REPO_ROOT
-from eval_support import NAMES, copy_run, inprocess, line_count, rows_of
+from eval_support import NAMES, copy_run, inprocess, line_count, predictions_of, rows_of
 from launching import EVAL_000 as EVAL, Started, run
 
 from longctx.eval import cli
@@ -120,3 +120,88 @@ def test_follow_gives_up_after_its_timeout_with_status_1(scored_run, tmp_path, c
                        "--follow_timeout_seconds", "1")
     assert status == 1
     assert "no new checkpoint in 1 s and no final_adapter" in capsys.readouterr().err
+
+
+def test_predictions_cut_by_max_new_tokens_and_longer_references_are_counted(trained_run, tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path / "run")
+    assert inprocess(out, "--max_new_tokens", "1") == 0
+    captured = capsys.readouterr()
+    # The 4 validation references take 27, 31, 27 and 27 tokens (summary + <|im_end|>, test_eval_results): all are
+    # longer than 1 token, and the 95th percentile is the ceil(0.95 * 4) = 4th smallest, 31. Warned once, before
+    # the first checkpoint is generated from.
+    warning = ("warning: 4 of 4 validation references are longer than max_new_tokens=1 tokens (summary + end of "
+               "turn): their predictions are cut short, which lowers recall. max_new_tokens=31 would cover 95% of "
+               "the references.")
+    assert captured.err.splitlines().count(warning) == 1
+    assert captured.out.index("scored checkpoint-2 ") > 0 and warning not in captured.out
+    summary = (out / "eval_summary.md").read_text()
+    assert ("- References longer than max_new_tokens=1 tokens (summary + end of turn): 4 of 4; max_new_tokens=31 "
+            "would cover 95% of them.") in summary.splitlines()
+    written = []
+    for row in rows_of(out):
+        preds = predictions_of(out / row["checkpoint"])
+        assert (row["num_references_over_max_new_tokens"], row["reference_tokens_p95"]) == (4, 31)
+        # One new token: a prediction that is not empty did not end with <|im_end|> (it decodes to nothing), so it
+        # stopped at max_new_tokens.
+        written.append(sum(p["prediction"] != "" for p in preds))
+        assert written[-1] <= row["num_hit_max_new_tokens"] <= 4
+        assert f"; hit max_new_tokens {row['num_hit_max_new_tokens']}; references over max_new_tokens 4; " in \
+            captured.out
+    assert 4 in written  # the later checkpoints write a word for every prompt: all 4 hit the cap
+
+
+def test_evaluation_refuses_a_missing_chat_template_with_exit_2(trained_run, tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path / "run")
+    config = out / "run_config.yaml"
+    config.write_text(config.read_text().replace("chat_template: null", "chat_template: gone/template.jinja"))
+    assert inprocess(out) == 2
+    assert capsys.readouterr().err == ("error: setting 'chat_template' = 'gone/template.jinja': file not found; give "
+                                       "the .jinja file's path from the repository root (where the launchers run), "
+                                       "or leave it unset to use the tokenizer's own template.\n")
+
+
+def test_a_generation_past_the_models_context_is_refused_before_the_weights_load(trained_run, tmp_path, capsys):
+    """The tiny model's max_position_embeddings is 8,192 (longctx.tiny); its longest validation prompt, counted
+    with its tokenizer, plus max_new_tokens 8,000 runs past it: exit 2 with the one line, no weight loaded."""
+    from transformers import AutoTokenizer
+
+    from longctx.chat import ChatFormat, template_name
+    from longctx.data import load_records
+    from longctx.settings import DataArguments, ModelArguments
+
+    out = copy_run(trained_run, tmp_path / "run")
+    tokenizer = AutoTokenizer.from_pretrained(REPO_ROOT / ".cache" / "tiny_smoke" / "model")
+    data = DataArguments(max_seq_length=1024, max_eval_samples=4)
+    chat = ChatFormat(tokenizer, data, template_name(ModelArguments()))
+    records = load_records(REPO_ROOT / ".cache" / "tiny_smoke" / "data" / "validation.jsonl", "validation", 4)
+    longest = max(len(chat.encode(r["document"], r["summary"]).prompt_ids) for r in records)
+    assert inprocess(out, "--max_new_tokens", "8000") == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == (
+        f"error: setting 'max_new_tokens' = 8000: the longest validation prompt in .cache/tiny_smoke/data/"
+        f"validation.jsonl has {longest:,} tokens, and {longest:,} + 8000 = {longest + 8000:,} exceeds the model's "
+        f"max_position_embeddings (8,192); lower max_new_tokens to {8192 - longest} or less, or leave the longest "
+        f"prompts out (max_seq_length with length_policy: drop, or truncate_document).")
+    assert "Loading weights" not in captured.out + captured.err and not (out / "eval_results.jsonl").exists()
+
+
+def test_follow_warns_when_the_training_run_holds_the_same_gpus(tmp_path, monkeypatch):
+    """run_info.json records the training's machine and GPUs; --follow on that machine with an overlapping
+    CUDA_VISIBLE_DEVICES names the shared GPUs. Another machine, other GPUs or a finished run: no warning."""
+    import json
+    import socket
+
+    (tmp_path / "run_info.json").write_text(json.dumps({"machine": {"host": socket.gethostname(),
+                                                                    "gpus": ["0", "1", "2", "3"]}}))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4")
+    assert cli.follow_warning(tmp_path) == (
+        "warning: --follow would score on GPU(s) 3, which the training run is using: both would slow down and either "
+        "may run out of memory; give the evaluation other GPUs (CUDA_VISIBLE_DEVICES) or score after training.")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert cli.follow_warning(tmp_path) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    (tmp_path / "final_adapter").mkdir()
+    assert cli.follow_warning(tmp_path) is None
+    (tmp_path / "final_adapter").rmdir()
+    (tmp_path / "run_info.json").write_text(json.dumps({"machine": {"host": "another-node", "gpus": ["3"]}}))
+    assert cli.follow_warning(tmp_path) is None

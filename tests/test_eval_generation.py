@@ -49,7 +49,7 @@ def test_swapped_adapters_predict_exactly_what_fresh_loads_predict(trained_run, 
         fresh.append(generation.generate(model, tokenizer, prompts, gen))
     assert swapped == fresh
     assert len({tuple(p) for p in swapped}) >= 4  # the adapters really differ: swapping changed the outputs
-    assert any(p for preds in swapped for p in preds)
+    assert any(p.text for preds in swapped for p in preds)
 
 
 class Rank:
@@ -77,6 +77,28 @@ def test_batches_are_dealt_round_robin_and_merge_back_in_order():
         generation.merge_in_order(pairs[1:], 7)
 
 
+def test_reference_lengths_counts_those_over_max_new_tokens_and_the_95th_percentile():
+    lengths = [12, 40, 7, 33, 51, 19, 64, 28, 45, 9, 30, 22, 38, 57, 15, 26, 49, 35, 60, 17]
+    prompts = [generation.Prompt(str(i), [1], "", n) for i, n in enumerate(lengths)]
+    # sorted: 7 9 12 15 17 19 22 26 28 30 33 35 38 40 45 49 51 57 60 64; over 48: 49 51 57 60 64 = 5.
+    # 95th percentile, nearest rank: the ceil(0.95 * 20) = 19th smallest = 60 (19 of 20 are <= 60).
+    assert generation.reference_lengths(prompts, 48) == (5, 60)
+    assert generation.reference_lengths(prompts, 64) == (0, 60)
+    # 3 references: ceil(2.85) = 3rd smallest, the longest
+    assert generation.reference_lengths(prompts[:3], 10) == (2, 40)
+
+
+def test_a_prediction_without_end_of_turn_hit_max_new_tokens(tiny_tokenizer):
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    words = tiny_tokenizer("The court found for the plaintiff.", add_special_tokens=False)["input_ids"]
+    stopped = generation.decode_prediction(tiny_tokenizer, [*words, end], [end])
+    cut = generation.decode_prediction(tiny_tokenizer, words, [end])
+    assert stopped == generation.Prediction("The court found for the plaintiff.",
+                                            "The court found for the plaintiff.", False, False)
+    assert cut == generation.Prediction("The court found for the plaintiff.",
+                                        "The court found for the plaintiff.", False, True)
+
+
 def test_two_processes_merge_to_the_single_process_predictions(scored_run, tmp_path):
     single, _ = scored_run  # one process, batches of 2: each of 2 processes gets one of the 2 batches
     out = copy_run(single, tmp_path / "run")
@@ -92,4 +114,6 @@ def test_two_processes_merge_to_the_single_process_predictions(scored_run, tmp_p
         assert r1["eval_fingerprint"] == r2["eval_fingerprint"]  # the process count is not a setting
         assert predictions_of(out / r2["checkpoint"]) == predictions_of(single / r1["checkpoint"])
         assert {k: r1[k] for k in r1 if k.startswith("rouge")} == {k: r2[k] for k in r2 if k.startswith("rouge")}
-        assert r1["num_empty"] == r2["num_empty"]
+        for count in ("num_empty", "num_think_stripped", "num_hit_max_new_tokens",
+                      "num_references_over_max_new_tokens"):
+            assert r1[count] == r2[count]

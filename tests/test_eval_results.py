@@ -20,13 +20,16 @@ from rouge_score import rouge_scorer, scoring
 from longctx import files
 from longctx.checkpoints import Checkpoint
 from longctx.eval import results
-from longctx.eval.generation import Prompt
+from longctx.eval.generation import Prediction, Prompt
 from longctx.metrics import ROUGE_TYPES, rouge_with_intervals, sentences_per_line
 
 # --- rows of a real scoring ----------------------------------------------------------------------------------------
 
 
-def test_rows_keep_the_standard_fields_and_match_rouge_score_with_intervals(scored_run):
+def test_rows_keep_the_standard_fields_and_match_rouge_score_with_intervals(scored_run, tiny_tokenizer):
+    from longctx import tiny
+
+    tokenizer = tiny_tokenizer
     out, proc = scored_run
     rows = rows_of(out)
     assert [(r["checkpoint"], r["global_step"]) for r in rows] == [
@@ -49,12 +52,29 @@ def test_rows_keep_the_standard_fields_and_match_rouge_score_with_intervals(scor
         validation = (REPO_ROOT / row["validation_file"]).read_bytes()
         assert row["validation_sha256"] == hashlib.sha256(validation).hexdigest()
         assert row["num_processes"] == 1 and len(row["eval_fingerprint"]) == 16
+        # 000 trains with its tiny tokenizer's own template
+        assert row["chat_template"] == "tokenizer"
+        assert row["chat_template_sha256"] == hashlib.sha256(tiny.CHAT_TEMPLATE.encode("utf-8")).hexdigest()
+        # the tiny model never writes <think>: nothing stripped, no raw_prediction kept
+        assert row["num_think_stripped"] == 0 and not any("raw_prediction" in p for p in preds)
+        # References of the 4 validation records: summary tokens + <|im_end|> by the tokenizer itself, i.e.
+        # [27, 31, 27, 27] (sorted 27, 27, 27, 31); none above max_new_tokens 48; the 95th percentile is the
+        # ceil(0.95 * 4) = 4th smallest, 31.
+        lengths = [len(tokenizer(p["reference"], add_special_tokens=False)["input_ids"]) + 1 for p in preds]
+        assert sorted(lengths) == [27, 27, 27, 31]
+        assert (row["num_references_over_max_new_tokens"], row["reference_tokens_p95"]) == (0, 31)
+        assert 0 <= row["num_hit_max_new_tokens"] <= row["num_examples"]
     # The short run already shows a progression: the first checkpoint writes (mostly) nothing, later ones text.
     assert rows[0]["num_empty"] > rows[2]["num_empty"]
     assert rows[2]["rougeLsum"] > rows[0]["rougeLsum"]
     assert "scoring 4 checkpoint(s)" in proc.stdout
-    assert [line.split(" (step")[0] for line in proc.stdout.splitlines() if line.startswith("scored ")] == \
+    scored = [line for line in proc.stdout.splitlines() if line.startswith("scored ")]
+    assert [line.split(" (step")[0] for line in scored] == \
            [f"scored {name}" for name in NAMES]  # one line per checkpoint, once its row is written
+    for line, row in zip(scored, rows):
+        assert (f"; empty {row['num_empty']}/4; think stripped 0; hit max_new_tokens {row['num_hit_max_new_tokens']}; "
+                f"references over max_new_tokens 0; ") in line
+    assert "warning:" not in proc.stderr  # no reference is longer than max_new_tokens
 
 
 def test_second_run_is_a_no_op_and_force_or_new_settings_score_again(scored_run, tmp_path):
@@ -119,7 +139,7 @@ def test_killed_run_leaves_whole_rows_and_rerun_finishes_without_duplicates(trai
 
 # --- settings and fingerprint --------------------------------------------------------------------------------------
 
-def test_fingerprint_follows_validation_content_not_its_path(tmp_path, tiny_dir, monkeypatch):
+def test_fingerprint_follows_validation_content_and_template_not_their_paths(tmp_path, tiny_dir, monkeypatch):
     from longctx.settings import DataArguments, GenerationArguments, ModelArguments
 
     monkeypatch.chdir(REPO_ROOT)
@@ -129,12 +149,18 @@ def test_fingerprint_follows_validation_content_not_its_path(tmp_path, tiny_dir,
     changed.write_text(validation.read_text().replace("plaintiff", "claimant", 1))
     model = ModelArguments(model_name_or_path=".cache/tiny_smoke/model", torch_dtype="float32")
     gen = GenerationArguments(max_new_tokens=48, generation_batch_size=6)
-    prints = [results.fingerprint(results.eval_settings(model, DataArguments(validation_file=str(path)), gen))
-              for path in (validation, same, changed)]
+    template = {"chat_template": "tokenizer", "chat_template_sha256": "a" * 64}
+
+    def fingerprint(data, gen=gen, template=template):
+        return results.fingerprint(results.eval_settings(model, data, gen, template))
+
+    prints = [fingerprint(DataArguments(validation_file=str(path))) for path in (validation, same, changed)]
     assert prints[0] == prints[1] != prints[2]
     other_gen = GenerationArguments(max_new_tokens=49, generation_batch_size=6)
-    assert results.fingerprint(results.eval_settings(model, DataArguments(validation_file=str(same)),
-                                                     other_gen)) != prints[0]
+    assert fingerprint(DataArguments(validation_file=str(same)), gen=other_gen) != prints[0]
+    # another template text (e.g. a new hub snapshot of the tokenizer) is another setting
+    assert fingerprint(DataArguments(validation_file=str(same)),
+                       template={**template, "chat_template_sha256": "b" * 64}) != prints[0]
 
 
 def test_select_rows_keeps_one_settings_latest_row_per_checkpoint():
@@ -225,15 +251,18 @@ def test_where_a_directory_cannot_be_locked_a_lock_file_is_used(tmp_path, monkey
     assert [r["checkpoint"] for r in results.read_results(tmp_path / "eval_results.jsonl")] == ["checkpoint-1"]
 
 
-def test_predictions_of_a_deleted_checkpoint_are_not_written(tmp_path):
+def test_predictions_keep_the_raw_output_where_it_differs_and_a_deleted_checkpoint_gets_none(tmp_path):
     prompts = [Prompt("a", [1], "ref a"), Prompt("b", [2], "ref b")]
+    predictions = [Prediction("pred a", "pred a", False, False),
+                   Prediction("", "<think>\nand on", True, True)]
     ckpt = Checkpoint(tmp_path / "checkpoint-1", 1)
     ckpt.path.mkdir()
-    results.write_predictions(ckpt, prompts, ["pred a", ""])
+    results.write_predictions(ckpt, prompts, predictions)
     assert [json.loads(line) for line in (ckpt.path / "eval_predictions.jsonl").read_text().splitlines()] == [
-        {"id": "a", "prediction": "pred a", "reference": "ref a"}, {"id": "b", "prediction": "", "reference": "ref b"}]
+        {"id": "a", "prediction": "pred a", "reference": "ref a"},
+        {"id": "b", "prediction": "", "reference": "ref b", "raw_prediction": "<think>\nand on"}]
     warnings = []
-    results.write_predictions(Checkpoint(tmp_path / "checkpoint-2", 2), prompts, ["x", "y"], warn=warnings.append)
+    results.write_predictions(Checkpoint(tmp_path / "checkpoint-2", 2), prompts, predictions, warn=warnings.append)
     assert warnings == [f"{tmp_path / 'checkpoint-2'} is gone; its predictions are not written"]
     assert not (tmp_path / "checkpoint-2").exists()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_support import copy_run, rows_of
+from eval_support import NAMES, copy_run, rows_of
 from launching import EVAL_000 as EVAL, run, wandb_records
 
 
@@ -50,3 +50,27 @@ def test_wandb_without_the_training_run_id_logs_into_a_new_run_of_the_group(trai
     history = [r["history"]["item"] for r in records if r.get("type") == "history"]
     assert [h["train/global_step"] for h in history] == [2, 4, 5, 5]
     assert "wandb sync" in proc.stdout
+
+
+def test_scoring_again_with_force_logs_under_a_new_key_never_twice_under_one(trained_run, tmp_path):
+    """W&B cannot replace logged points: the first scoring logs rouge/*, a --force re-scoring of the same
+    checkpoints rouge@2/* (and its tables predictions@2/*), both into the training run; wandb_run.json records which
+    key holds which scoring. A rerun without --force scores nothing and logs nothing."""
+    out = copy_run(trained_run, tmp_path / "run")
+    train_id = json.loads((out / "wandb_run.json").read_text())["id"]
+    for flags in ([], ["--force"], []):
+        proc = run(["bash", EVAL, *flags], OUTPUT_DIR=str(out))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folders = sorted(set((out / "wandb").glob(f"offline-run-*-{train_id}")))
+    assert len(folders) == 3  # training's, the first scoring's, the --force scoring's (the last rerun logged nothing)
+    first, forced = ([r["history"]["item"] for r in wandb_records(f) if r.get("type") == "history"]
+                     for f in folders[1:])
+    assert [h["train/global_step"] for h in first] == [h["train/global_step"] for h in forced] == [2, 4, 5, 5]
+    assert all("rouge/rougeLsum" in h and not any(k.startswith("rouge@") for k in h) for h in first)
+    assert all("rouge@2/rougeLsum" in h and not any(k.startswith("rouge/") for k in h) for h in forced)
+    assert {k for h in forced for k in h if k.startswith("predictions")} >= {
+        f"predictions@2/{name}._type" for name in NAMES}
+    fingerprint = rows_of(out)[0]["eval_fingerprint"]
+    assert json.loads((out / "wandb_run.json").read_text())["evaluations"] == [
+        {"key": "rouge", "fingerprint": fingerprint, "force": False},
+        {"key": "rouge@2", "fingerprint": fingerprint, "force": True}]

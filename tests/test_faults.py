@@ -188,7 +188,9 @@ def test_nan_loss_stops_at_that_step_without_a_poisoned_checkpoint(tmp_path, tin
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "model")
     model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
-    poison = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    # "~": a character no record of the tiny corpus holds. (The text of a control token such as <|endoftext|> would
+    # not do: record text is tokenized as plain text, longctx.chat.)
+    poison = tokenizer.convert_tokens_to_ids("~")
     model.config.tie_word_embeddings = False  # corrupt the input row only, not the output projection
     model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
     with torch.no_grad():
@@ -196,7 +198,8 @@ def test_nan_loss_stops_at_that_step_without_a_poisoned_checkpoint(tmp_path, tin
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     records = [json.loads(x) for x in (tiny_dir / "data" / "train.jsonl").read_text().splitlines()[2:12]]
-    records[0]["document"] += " <|endoftext|>"  # the one sample that reaches the corrupted row
+    assert not any("~" in json.dumps(record) for record in records)
+    records[0]["document"] += " ~"  # the one sample that reaches the corrupted row
     train = write_jsonl(tmp_path / "train.jsonl", records)
     out = tmp_path / "out"
     proc = _train_py(["--model_name_or_path", str(tmp_path / "model"), "--train_file", str(train),

@@ -10,6 +10,7 @@ import torch
 
 from longctx.collate import PadCollator
 from longctx.settings import DataArguments, LoraArguments
+from longctx.chat import ChatFormat
 from longctx.data import IGNORE_INDEX, encode_record
 from longctx.loss import model_inputs, reference_loss, summary_loss
 from longctx.modeling import apply_lora
@@ -29,7 +30,7 @@ def samples(tiny_tokenizer):
     out = []
     for i, (sentences, summary) in enumerate(CASES):
         rec = {"id": str(i), "document": f"CASE FILE {i}. " + FILLER * sentences, "summary": summary}
-        enc = encode_record(rec, i, tokenizer=tiny_tokenizer, data=data, split="train")
+        enc = encode_record(rec, i, chat=ChatFormat(tiny_tokenizer, data), data=data, split="train")
         out.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
     assert len({len(s["input_ids"]) for s in out}) == len(out)
     return out

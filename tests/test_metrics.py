@@ -83,8 +83,48 @@ def test_sentences_per_line_splits_sentences():
         "The court sat.\nIt found for Acme.\nCosts follow."
 
 
-def test_sentences_per_line_keeps_existing_newlines():
-    text = "One line.\nSecond line. Still the second line."
-    assert sentences_per_line(text) == text
-    assert sentences_per_line(f"  {text}\n") == text
+def test_every_line_is_split_into_sentences_too():
+    # a newline is a boundary, never the only one; blank lines and the spaces around lines go
+    text = "  One line.\n\nSecond line. Still the second line? Yes!\n"
+    assert sentences_per_line(text) == "One line.\nSecond line.\nStill the second line?\nYes!"
     assert sentences_per_line("No full stop at all") == "No full stop at all"
+
+
+@pytest.mark.parametrize("sentence", [
+    "Smith v. Jones was decided by the U.S. Supreme Court in No. 12-345 on appeal from Acme Inc. and its parent.",
+    "See Brown v. Board of Education, 347 U.S. 483, cited in Art. 5 para. 2 and in Sec. 12 of the Act.",
+    "The claim against Birch Logistics Ltd. and Cobalt Mining Corp. was heard by Smith J. in the High Court.",
+])
+def test_legal_abbreviations_do_not_end_sentences(sentence):
+    assert sentences_per_line(sentence) == sentence
+    assert sentences_per_line(f"{sentence} The appeal was dismissed.") == f"{sentence}\nThe appeal was dismissed."
+
+
+REFERENCE_LINES = [  # one sentence per line, split by hand
+    "Smith v. Jones Inc. was decided by the U.S. Supreme Court in No. 12-345.",
+    "The court held that the contract was void.",
+    "Costs were awarded to the defendant under Sec. 4.",
+]
+PREDICTION_LINES = [
+    "In No. 12-345 the U.S. Supreme Court decided Smith v. Jones Inc.",
+    "It held the contract void and awarded costs to the defendant.",
+]
+
+
+def test_rouge_lsum_equals_rouge_score_on_sentences_split_by_hand():
+    scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+    expected = scorer.score("\n".join(REFERENCE_LINES), "\n".join(PREDICTION_LINES))["rougeLsum"].fmeasure
+    # the raw texts: the reference with a paragraph break, the prediction on one line
+    reference = f"{REFERENCE_LINES[0]} {REFERENCE_LINES[1]}\n\n{REFERENCE_LINES[2]}"
+    prediction = " ".join(PREDICTION_LINES)
+    assert rouge([prediction], [reference])["rougeLsum"] == pytest.approx(expected, abs=1e-12)
+    assert 0.3 < expected < 0.9  # a partial match
+    # rouge_score on the raw texts (a paragraph per line, the prediction one line) gives another number: the split
+    # matters for this pair
+    assert scorer.score(reference, prediction)["rougeLsum"].fmeasure != pytest.approx(expected, abs=1e-6)
+
+
+def test_paragraph_breaks_and_one_line_of_the_same_sentences_score_one():
+    reference = "\n\n".join(REFERENCE_LINES)
+    prediction = " ".join(REFERENCE_LINES)
+    assert rouge([prediction], [reference])["rougeLsum"] == pytest.approx(1.0, abs=1e-12)

@@ -24,8 +24,11 @@ def row(name: str, step: int, lsum: float, fp: str = "fp", **extra) -> dict:
     return r
 
 
-ROWS = [row("checkpoint-100", 100, 0.30, num_empty=2), row("checkpoint-200", 200, 0.52),
-        row("checkpoint-300", 300, 0.47), row("final_adapter", 300, 0.47)]
+COUNTS = {"num_think_stripped": 0, "num_hit_max_new_tokens": 1, "num_references_over_max_new_tokens": 3,
+          "reference_tokens_p95": 900, "generation": {"max_new_tokens": 512, "decoding": "greedy"}}
+ROWS = [row("checkpoint-100", 100, 0.30, num_empty=2, **{**COUNTS, "num_hit_max_new_tokens": 5}),
+        row("checkpoint-200", 200, 0.52, **COUNTS), row("checkpoint-300", 300, 0.47, **COUNTS),
+        row("final_adapter", 300, 0.47, **{**COUNTS, "num_think_stripped": 2})]
 STATE = {"log_history": [
     {"step": 10, "loss": 3.1}, {"step": 100, "loss": 2.2}, {"step": 100, "eval_loss": 2.4},
     {"step": 200, "loss": 1.7}, {"step": 200, "eval_loss": 2.0}, {"step": 300, "loss": 1.2},
@@ -58,14 +61,18 @@ def test_ties_go_to_the_earliest_step_and_checkpoint_before_final_adapter():
     assert [r["checkpoint"] for r in report.by_step(rows)] == ["checkpoint-200", "checkpoint-300", "final_adapter"]
 
 
-def test_summary_table_by_step_with_intervals_eval_loss_and_empty_counts():
+def test_summary_table_by_step_with_intervals_eval_loss_and_prediction_counts():
     md = report.summary_markdown(list(reversed(ROWS)), STATE, "run1")
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert lines[0] == "| checkpoint | step | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | eval loss | empty | n |"
+    assert lines[0] == ("| checkpoint | step | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | eval loss | empty | think "
+                        "| max | n |")
     assert lines[1] == ("| checkpoint-100 | 100 | 0.3500 [0.310, 0.380] | 0.3000 [0.260, 0.330] "
-                        "| 0.2500 [0.210, 0.280] | 0.3000 [0.260, 0.330] | 2.4000 | 2 | 12 |")
+                        "| 0.2500 [0.210, 0.280] | 0.3000 [0.260, 0.330] | 2.4000 | 2 | 0 | 5 | 12 |")
     assert lines[2].startswith("| **checkpoint-200** | 200 |")  # the best, in bold
     assert [line.split("|")[1].strip() for line in lines[3:]] == ["checkpoint-300", "final_adapter"]
+    assert lines[4].endswith("| 1.9000 | 0 | 2 | 1 | 12 |")  # final_adapter: 2 think blocks stripped
+    assert ("- References longer than max_new_tokens=512 tokens (summary + end of turn): 3 of 12; "
+            "max_new_tokens=900 would cover 95% of them.") in md.splitlines()
     assert "![ROUGE by step](rouge_by_step.png)" in md and "![Loss](loss_curve.png)" in md
 
 

@@ -21,13 +21,19 @@ import torch
 
 from .. import checkpoints, report
 from ..checkpoints import FINAL_ADAPTER, Checkpoint
-from ..config import ConfigError, parse_config, validate_data, validate_generation
-from ..settings import DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments
-from ..records import DataError, check_records
+from ..chat import check_template
+from ..config import (ConfigError, parse_config, validate_attention_masks, validate_chat_template, validate_data,
+                      validate_generation)
 from ..distributed import print0, teardown
 from ..metrics import ROUGE_TYPES, rouge_with_intervals
+from ..planner.evaluation import shared_gpus_warning
+from ..planner.runplan import EXIT_BAD_CONFIG, EXIT_DOES_NOT_FIT, make_evaluation_plan
+from ..quiet import silence_unactionable_warnings
+from ..records import DataError, check_records
+from ..rundir import RUN_INFO, visible_gpus
+from ..settings import DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments
 from . import ranks, results
-from .generation import Evaluator
+from .generation import Evaluator, Prediction
 from .wandb_log import WandbLogger
 
 NOTHING_TO_SCORE = 3  # --preflight exit status: every checkpoint is already scored (the report was refreshed)
@@ -77,6 +83,7 @@ class EvalJob:
 
     model_args: ModelArguments
     data: DataArguments
+    lora: LoraArguments
     gen: GenerationArguments
     ev: EvalArguments
     run_dir: Path
@@ -104,12 +111,14 @@ def _check_positive(ev: EvalArguments) -> None:
 
 def parse_job(argv: list[str] | None) -> EvalJob:
     """Settings + data checks, no weights. Raises ConfigError / DataError."""
-    (model_args, data, _lora, gen, ev), _config_path, extra = parse_config(
+    (model_args, data, lora, gen, ev), _config_path, extra = parse_config(
         argv, (ModelArguments, DataArguments, LoraArguments, GenerationArguments, EvalArguments),
         tolerated_keys=all_setting_names())
     validate_data(data, need_train=False)
+    validate_chat_template(model_args)
     check_records(data.validation_file, data)
     validate_generation(gen)
+    validate_attention_masks(model_args, data, gen)
     _check_positive(ev)
     single = None
     if ev.checkpoint:
@@ -129,8 +138,8 @@ def parse_job(argv: list[str] | None) -> EvalJob:
                               f"--run_dir) to the training run's output directory.")
     else:
         raise ConfigError("setting 'checkpoint' is unset: pass --checkpoint DIR, or --all_checkpoints.")
-    settings = results.eval_settings(model_args, data, gen)
-    return EvalJob(model_args, data, gen, ev, run_dir, single, settings, results.fingerprint(settings))
+    settings = results.eval_settings(model_args, data, gen, check_template(model_args, data))
+    return EvalJob(model_args, data, lora, gen, ev, run_dir, single, settings, results.fingerprint(settings))
 
 
 class WarnOnce:
@@ -176,14 +185,24 @@ def pending_checkpoints(job: EvalJob, done: set[str], warn: WarnOnce) -> tuple[l
     return todo, any(c.name == FINAL_ADAPTER for c in found)
 
 
-def results_row(job: EvalJob, ckpt: Checkpoint, evaluator: Evaluator, predictions: list[str], seconds: float,
+def prediction_counts(predictions: list[Prediction]) -> dict[str, int]:
+    """How many predictions were empty, had a reasoning block removed, or stopped at max_new_tokens."""
+    return {"num_empty": sum(not p.text for p in predictions),
+            "num_think_stripped": sum(p.think_stripped for p in predictions),
+            "num_hit_max_new_tokens": sum(p.hit_max_new_tokens for p in predictions)}
+
+
+def results_row(job: EvalJob, ckpt: Checkpoint, evaluator: Evaluator, predictions: list[Prediction], seconds: float,
                 num_processes: int) -> dict:
-    scores = rouge_with_intervals(predictions, [p.reference for p in evaluator.prompts])
+    scores = rouge_with_intervals([p.text for p in predictions], [p.reference for p in evaluator.prompts])
     return {
         "checkpoint": ckpt.name, "global_step": ckpt.global_step, **scores,
         "num_examples": len(evaluator.prompts), "num_dropped_for_length": evaluator.dropped,
-        "num_empty": sum(not p for p in predictions),
+        **prediction_counts(predictions),
+        "num_references_over_max_new_tokens": evaluator.references_over,
+        "reference_tokens_p95": evaluator.reference_tokens_p95,
         "validation_file": job.data.validation_file, "validation_sha256": job.settings["validation_sha256"],
+        "chat_template": job.settings["chat_template"], "chat_template_sha256": job.settings["chat_template_sha256"],
         "generation": evaluator.generation, "eval_fingerprint": job.fingerprint,
         "checkpoint_path": str(ckpt.path.resolve()), "num_processes": num_processes,
         "seconds": round(seconds, 2), "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -214,7 +233,7 @@ class Scoring:
 
     def __init__(self, job: EvalJob, state):
         self.job, self.state = job, state
-        self.evaluator = Evaluator(job.model_args, job.data, job.gen, state)
+        self.evaluator = Evaluator(job.model_args, job.data, job.gen, state, plan=self.plan_evaluation)
         self.warn = WarnOnce(job.ev.follow)
         self.logger: WandbLogger | None = None
         self.done: set[str] = set()
@@ -237,17 +256,48 @@ class Scoring:
             stop, status = True, 1
         return todo, stop, status
 
-    def record(self, ckpt: Checkpoint, predictions: list[str], seconds: float) -> None:
+    def plan_evaluation(self, prompt_tokens: list[int]) -> None:
+        """Between the tokenized prompts and the weights: the evaluation plan (longctx.planner), once. A prompt +
+        max_new_tokens past max_position_embeddings is refused (exit 2); on GPUs the plan is printed, with a warning
+        when it does not fit one GPU; on a CPU one line. With --follow, a warning when the training run holds these
+        GPUs."""
+        job = self.job
+        cuda = torch.cuda.is_available()
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 80.0
+        scorings = 1 if job.single else len(checkpoints.checkpoint_dirs(job.run_dir))
+        plan = make_evaluation_plan((job.model_args, job.lora, job.gen), prompt_tokens, self.state.num_processes,
+                                    gpu_memory_gib=gpu_gib, checkpoints=max(scorings, 1),
+                                    where=f" in {job.data.validation_file}")
+        if plan.exit_status == EXIT_BAD_CONFIG:
+            raise ConfigError(plan.text.removeprefix("error: "))
+        if not cuda:
+            print0(f"evaluation plan: CPU, {len(prompt_tokens)} prompts, the longest {max(prompt_tokens):,} tokens "
+                   f"+ max_new_tokens {job.gen.max_new_tokens}, within the model's context (PLAN=1 of training "
+                   f"prints the GPU plan)")
+            return
+        print0(plan.text)
+        if plan.exit_status == EXIT_DOES_NOT_FIT:
+            print0("warning: the evaluation plan above does not fit one GPU; lower generation_batch_size or "
+                   "max_new_tokens, or expect an out-of-memory error", file=sys.stderr)
+        if job.ev.follow:
+            warning = follow_warning(job.run_dir)
+            if warning:
+                print0(warning, file=sys.stderr)
+
+    def record(self, ckpt: Checkpoint, predictions: list[Prediction], seconds: float) -> None:
         """Rank 0: predictions file, W&B, results row, and the line that says the checkpoint is scored."""
         row = results_row(self.job, ckpt, self.evaluator, predictions, seconds, self.state.num_processes)
         results.write_predictions(ckpt, self.evaluator.prompts, predictions, print0)
         if "wandb" in self.job.ev.report_to:
-            self.logger = self.logger or WandbLogger(self.job.run_dir, self.job.ev.run_name)
-            self.logger.log(row, self.evaluator.prompts, predictions)
+            self.logger = self.logger or WandbLogger(self.job.run_dir, self.job.ev.run_name, self.job.fingerprint,
+                                                     self.job.ev.force)
+            self.logger.log(row, self.evaluator.prompts, [p.text for p in predictions])
         results.save_row(self.job.results_path, row, print0)
         print0(f"scored {ckpt.name} (step {ckpt.global_step}): "
                + ", ".join(f"{m} {row[m]:.4f} [{row[m + '_low']:.3f}, {row[m + '_high']:.3f}]" for m in ROUGE_TYPES)
-               + f"; empty {row['num_empty']}/{row['num_examples']}; {row['seconds']:.1f} s")
+               + f"; empty {row['num_empty']}/{row['num_examples']}; think stripped {row['num_think_stripped']}; "
+                 f"hit max_new_tokens {row['num_hit_max_new_tokens']}; references over max_new_tokens "
+                 f"{row['num_references_over_max_new_tokens']}; {row['seconds']:.1f} s")
 
     def run(self) -> int:
         """Score until nothing is left (with --follow: until final_adapter is scored). Returns the exit status."""
@@ -265,6 +315,21 @@ class Scoring:
             time.sleep(self.job.ev.follow_poll_seconds)
         ranks.from_main(self.state, "writing the report", lambda: finish_report(self.job))
         return status
+
+
+def follow_warning(run_dir: Path) -> str | None:
+    """--follow alongside a training run that is still going (no final_adapter) on this machine: the warning naming
+    the GPUs both would use (run_info.json records the training's machine and GPUs), or None."""
+    import json
+    import socket
+
+    try:
+        machine = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8")).get("machine", {})
+    except (OSError, ValueError):
+        return None
+    if (run_dir / FINAL_ADAPTER).exists() or not machine:
+        return None
+    return shared_gpus_warning(visible_gpus(), machine.get("gpus", []), machine.get("host") == socket.gethostname())
 
 
 def score_all(job: EvalJob) -> int:
@@ -295,6 +360,7 @@ def preflight(job: EvalJob) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    silence_unactionable_warnings()
     try:
         job = parse_job(argv)
         if job.ev.preflight:

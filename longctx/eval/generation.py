@@ -1,25 +1,32 @@
 """Greedy generation from the validation prompts: one base model, adapters swapped, batches split over processes.
 
-Each validation record's prompt alone (chat template + generation prompt) is generated from greedily: prompts
-sorted by length (longest first, so an out-of-memory shows at once) into batches of generation_batch_size, left
-padded, up to max_new_tokens, stopping at the tokenizer's and the model's end-of-turn tokens. With several
-processes the batches are dealt out round-robin, each process generates its own, and the pairs (prompt index,
-text) are merged back in prompt order: the same batches as one process, so the same predictions.
+Each validation record's prompt is exactly its training prompt (longctx.chat.ChatFormat, the same length policy): the
+chat template's text up to the assistant's content, never an add_generation_prompt rendering. Prompts are sorted by
+length (longest first, so an out-of-memory shows at once) into batches of generation_batch_size, left padded, and
+generated from greedily up to max_new_tokens, stopping at the tokenizer's and the model's end-of-turn tokens. Each
+prediction is decoded without special tokens and its reasoning blocks (`<think>...</think>`) removed before scoring;
+whether it had one and whether it stopped at max_new_tokens are kept for the counts. With several processes the
+batches are dealt out round-robin, each process generates its own, and the pairs (prompt index, prediction) are
+merged back in prompt order: the same batches as one process, so the same predictions.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..chat import UNNAMED, ChatFormat, strip_reasoning, template_name
 from ..checkpoints import Checkpoint
 from ..collate import PadCollator
-from ..settings import DataArguments, GenerationArguments, ModelArguments
-from ..data import encode_prompt, fit_document, load_records
-from ..records import DataError
+from ..data import load_records, record_id
+from ..distributed import print0
 from ..modeling import load_base_model, load_tokenizer, resolve_attn_implementation
+from ..records import DataError
+from ..settings import DataArguments, GenerationArguments, ModelArguments
 from . import ranks
 
 
@@ -28,28 +35,52 @@ class Prompt:
     id: str
     input_ids: list[int]
     reference: str
+    reference_tokens: int = 0  # the reference's training target: summary + end-of-turn token
 
 
-def build_prompts(tokenizer, data: DataArguments) -> tuple[list[Prompt], int]:
-    """Validation prompts under the length policy; returns (prompts, number dropped for length)."""
-    records = load_records(data.validation_file, "validation", data.max_eval_samples)
+@dataclass(frozen=True)
+class Prediction:
+    """One generated summary. `text` is what is scored and written as `prediction`; `raw` is the decoded output
+    before reasoning blocks were removed."""
+
+    text: str
+    raw: str
+    think_stripped: bool
+    hit_max_new_tokens: bool  # stopped by max_new_tokens, not by an end-of-turn token
+
+
+def build_prompts(tokenizer, data: DataArguments, template: str = UNNAMED) -> tuple[list[Prompt], int]:
+    """Validation prompts: each record's training prompt ids (ChatFormat.encode of document + reference, under the
+    length policy). Returns (prompts, number dropped for length)."""
+    chat = ChatFormat(tokenizer, data, template)
+    records = load_records(data.validation_file, "validation", data.max_eval_samples, data.datasets_cache_dir)
     prompts, dropped = [], 0
     for index, record in enumerate(records):
-        document = record[data.document_field]
-        ids = encode_prompt(tokenizer, document, data)
-        if len(ids) > data.max_seq_length:
-            fitted = None
-            if data.length_policy == "truncate_document":
-                fitted = fit_document(tokenizer, document, data, data.max_seq_length,
-                                      lambda doc: len(encode_prompt(tokenizer, doc, data)))
-            if fitted is None:
-                dropped += 1
-                continue
-            ids = encode_prompt(tokenizer, fitted[0], data)
-        record_id = record.get(data.id_field)
-        prompts.append(Prompt(f"validation:{index}" if record_id is None else str(record_id), ids,
-                              record[data.summary_field]))
+        reference = record[data.summary_field]
+        sample = chat.encode(record[data.document_field], reference)
+        if sample.action == "drop":
+            dropped += 1
+            continue
+        prompts.append(Prompt(record_id(record, index, data, "validation"), sample.prompt_ids, reference,
+                              len(sample.target_ids)))
     return prompts, dropped
+
+
+def reference_lengths(prompts: list[Prompt], max_new_tokens: int) -> tuple[int, int]:
+    """(references longer than max_new_tokens tokens, the max_new_tokens that covers 95% of them): the nearest-rank
+    95th percentile of the reference lengths, the smallest length that at least 95% of them do not exceed."""
+    lengths = sorted(p.reference_tokens for p in prompts)
+    rank = -(-95 * len(lengths) // 100)  # ceil(0.95 n), in integers
+    return sum(n > max_new_tokens for n in lengths), lengths[rank - 1]
+
+
+def decode_prediction(tokenizer, new_ids: list[int], stop_ids: list[int]) -> Prediction:
+    """The generated ids of one prompt -> Prediction. generate stops a row at a stop token or at max_new_tokens (a row
+    finished early holds its stop token, then padding), so ids without any stop token reached max_new_tokens.
+    skip_special_tokens drops `<|im_end|>` but keeps `<think>` (an added token, not a special one): hence the strip."""
+    raw = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    text, think = strip_reasoning(raw)
+    return Prediction(text, raw, think, set(stop_ids).isdisjoint(new_ids))
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -81,7 +112,7 @@ def share_of_process(batches: list[list[int]], state) -> list[list[int]]:
 
 @torch.no_grad()
 def generate_batches(model, tokenizer, prompts: list[Prompt], batches: list[list[int]], gen: GenerationArguments,
-                     stop_ids: list[int]) -> list[tuple[int, str]]:
+                     stop_ids: list[int]) -> list[tuple[int, Prediction]]:
     """(prompt index, prediction) for every prompt of `batches`."""
     device = next(model.parameters()).device
     collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
@@ -97,15 +128,14 @@ def generate_batches(model, tokenizer, prompts: list[Prompt], batches: list[list
             eos_token_id=stop_ids,
             pad_token_id=tokenizer.pad_token_id,
         )
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
-        out += [(i, text.strip()) for i, text in zip(chunk, tokenizer.batch_decode(new_tokens,
-                                                                                   skip_special_tokens=True))]
+        new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
+        out += [(i, decode_prediction(tokenizer, ids, stop_ids)) for i, ids in zip(chunk, new_tokens)]
     return out
 
 
-def merge_in_order(pairs: list[tuple[int, str]], num_prompts: int) -> list[str]:
-    """Predictions in prompt order from the (index, text) pairs of every process."""
-    predictions: list[str | None] = [None] * num_prompts
+def merge_in_order(pairs: list[tuple[int, Prediction]], num_prompts: int) -> list[Prediction]:
+    """Predictions in prompt order from the (index, prediction) pairs of every process."""
+    predictions: list[Prediction | None] = [None] * num_prompts
     for i, text in pairs:
         predictions[i] = text
     missing = [i for i, p in enumerate(predictions) if p is None]
@@ -115,7 +145,7 @@ def merge_in_order(pairs: list[tuple[int, str]], num_prompts: int) -> list[str]:
 
 
 def generate(model, tokenizer, prompts: list[Prompt], gen: GenerationArguments,
-             stop_ids: list[int] | None = None) -> list[str]:
+             stop_ids: list[int] | None = None) -> list[Prediction]:
     """Greedy predictions in the prompts' order, in this process alone."""
     stop_ids = stop_ids if stop_ids is not None else stop_token_ids(tokenizer, model)
     batches = make_batches(prompts, gen.generation_batch_size)
@@ -151,18 +181,28 @@ class Evaluator:
     """Per process: tokenizer, prompts and base model, loaded at the first checkpoint that needs scoring (a rerun
     with nothing to score loads nothing); then, per checkpoint, this process's share of the predictions."""
 
-    def __init__(self, model_args: ModelArguments, data: DataArguments, gen: GenerationArguments, state):
+    def __init__(self, model_args: ModelArguments, data: DataArguments, gen: GenerationArguments, state,
+                 plan: Callable[[list[int]], None] | None = None):
         self.model_args, self.data, self.gen, self.state = model_args, data, gen, state
+        self.plan = plan  # called with the prompts' token counts before the weights load; raises to refuse
         self.swapper: AdapterSwapper | None = None
 
     def load(self) -> None:
         if self.swapper is not None:
             return
         self.tokenizer = load_tokenizer(self.model_args, padding_side="left")
-        self.prompts, self.dropped = build_prompts(self.tokenizer, self.data)
+        self.prompts, self.dropped = build_prompts(self.tokenizer, self.data, template_name(self.model_args))
         if not self.prompts:
             raise DataError(f"{self.data.validation_file}: no validation prompt fits max_seq_length="
                             f"{self.data.max_seq_length}; raise it or set length_policy: truncate_document.")
+        self.references_over, self.reference_tokens_p95 = reference_lengths(self.prompts, self.gen.max_new_tokens)
+        if self.references_over:
+            print0(f"warning: {self.references_over} of {len(self.prompts)} validation references are longer than "
+                   f"max_new_tokens={self.gen.max_new_tokens} tokens (summary + end of turn): their predictions are "
+                   f"cut short, which lowers recall. max_new_tokens={self.reference_tokens_p95} would cover 95% of "
+                   f"the references.", file=sys.stderr)
+        if self.plan is not None:
+            self.plan([len(p.input_ids) for p in self.prompts])
         base = load_base_model(self.model_args, training=False).to(self.state.device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer, base)
         self.generation = {
@@ -173,13 +213,13 @@ class Evaluator:
         }
         self.swapper = AdapterSwapper(base)
 
-    def _my_share(self, ckpt: Checkpoint) -> list[tuple[int, str]]:
+    def _my_share(self, ckpt: Checkpoint) -> list[tuple[int, Prediction]]:
         self.load()
         model = self.swapper.activate(ckpt.path)
         batches = share_of_process(make_batches(self.prompts, self.gen.generation_batch_size), self.state)
         return generate_batches(model, self.tokenizer, self.prompts, batches, self.gen, self.stop_ids)
 
-    def predict(self, ckpt: Checkpoint) -> list[str]:
+    def predict(self, ckpt: Checkpoint) -> list[Prediction]:
         """Every process generates its share; every process receives all predictions in prompt order, or, when
         any process failed, raises ranks.RankFailed at the same moment as the others."""
         shares = ranks.gather(self.state, f"scoring {ckpt.name}", lambda: self._my_share(ckpt))

@@ -1,7 +1,8 @@
 """The results store: RUN_DIR/eval_results.jsonl (one row per scored checkpoint) and CHECKPOINT/eval_predictions.jsonl.
 
 A row is reused instead of scored again when its eval_fingerprint, a hash of everything that changes the
-predictions (validation file content, prompt, model and generation settings), equals the current one. Rows are
+predictions or their scores (validation file content, prompt settings, the chat template's sha256, model and
+generation settings, the scoring packages' versions), equals the current one. Rows are
 written by rewriting the whole file beside and renaming it over the old one, under an exclusive lock of the run
 directory, so a run killed at any moment leaves whole rows only, and two evaluations of one run never lose each
 other's rows. `longctx.report`'s command line reads rows through `read_results` too.
@@ -20,11 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..files import sha256_file, write_atomic
+from ..metrics import scoring_version
 
 if TYPE_CHECKING:
     from ..checkpoints import Checkpoint
     from ..settings import DataArguments, GenerationArguments, ModelArguments
-    from .generation import Prompt
+    from .generation import Prediction, Prompt
 
 RESULTS_FILE = "eval_results.jsonl"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
@@ -32,8 +34,10 @@ PROMPT_SETTINGS = ("max_eval_samples", "document_field", "summary_field", "id_fi
                    "max_seq_length", "length_policy")
 
 
-def eval_settings(model_args: ModelArguments, data: DataArguments, gen: GenerationArguments) -> dict:
-    """Everything that changes the predictions. A row scored with equal settings is reused instead of scored again."""
+def eval_settings(model_args: ModelArguments, data: DataArguments, gen: GenerationArguments,
+                  template: dict[str, str]) -> dict:
+    """Everything that changes the predictions or their scores. A row scored with equal settings is reused instead of
+    scored again. `template`: longctx.chat.template_record (the template's path and the sha256 of its text)."""
     from ..modeling import resolve_dtype  # torch: only where settings are resolved, not for reading rows
 
     return {
@@ -41,10 +45,12 @@ def eval_settings(model_args: ModelArguments, data: DataArguments, gen: Generati
         **{name: getattr(data, name) for name in PROMPT_SETTINGS},
         "model_name_or_path": model_args.model_name_or_path,
         "tokenizer_name_or_path": model_args.tokenizer_name_or_path,
+        "chat_template": template["chat_template"], "chat_template_sha256": template["chat_template_sha256"],
         "dtype": str(resolve_dtype(model_args.torch_dtype)).replace("torch.", ""),
         "max_new_tokens": gen.max_new_tokens,
         "generation_batch_size": gen.generation_batch_size,
         "decoding": "greedy",
+        "scoring": scoring_version(),
     }
 
 
@@ -117,12 +123,17 @@ def save_row(path: str | Path, row: dict, warn: Callable[[str], None] = print) -
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in [*rows, row]))
 
 
-def write_predictions(ckpt: Checkpoint, prompts: list[Prompt], predictions: list[str],
+def write_predictions(ckpt: Checkpoint, prompts: list[Prompt], predictions: list[Prediction],
                       warn: Callable[[str], None] = print) -> None:
-    """CHECKPOINT/eval_predictions.jsonl: id, prediction, reference per validation prompt."""
+    """CHECKPOINT/eval_predictions.jsonl: id, prediction (as scored), reference per validation prompt, and
+    raw_prediction (the decoded output) where it differs from the prediction."""
     if not ckpt.path.is_dir():  # deleted meanwhile (save_total_limit): the row still records the scores
         warn(f"{ckpt.path} is gone; its predictions are not written")
         return
-    write_atomic(ckpt.path / PREDICTIONS_FILE, "".join(
-        json.dumps({"id": p.id, "prediction": pred, "reference": p.reference}) + "\n"
-        for p, pred in zip(prompts, predictions)))
+    lines = []
+    for prompt, prediction in zip(prompts, predictions):
+        line = {"id": prompt.id, "prediction": prediction.text, "reference": prompt.reference}
+        if prediction.raw != prediction.text:
+            line["raw_prediction"] = prediction.raw
+        lines.append(json.dumps(line) + "\n")
+    write_atomic(ckpt.path / PREDICTIONS_FILE, "".join(lines))

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..distributed import print0
+from ..files import write_atomic
 from ..metrics import rouge_per_example
 from ..tracking import WANDB_RUN  # written by training with the W&B run's id and project
 
 if TYPE_CHECKING:
     from .generation import Prompt
+
 
 class WandbLogger:
     """ROUGE against each checkpoint's training step (custom step axis train/global_step), and one prediction table
@@ -22,9 +24,14 @@ class WandbLogger:
     loss curves. Offline, W&B cannot reach the run: it records the resume in a new offline-run-*-<same id> folder,
     and `wandb sync` of the training run's folder and then this one appends to the training run. Without the file
     (training without W&B, or still running under --follow) a new run is made in the group run_name.
+
+    W&B cannot replace what a run has logged, so a scoring never logs a checkpoint twice under one key: each scoring
+    of the training run has its own key, recorded in wandb_run.json ("evaluations"): `rouge/*` for the first, then
+    `rouge@2/*`, `rouge@3/*`, ... for scorings with other settings (another eval_fingerprint) or again with --force.
+    Resuming a scoring (a rerun after a crash, --follow) keeps its key: its scored checkpoints are skipped.
     """
 
-    def __init__(self, run_dir: Path, run_name: str | None):
+    def __init__(self, run_dir: Path, run_name: str | None, fingerprint: str, force: bool):
         import wandb
 
         self.wandb = wandb
@@ -33,23 +40,26 @@ class WandbLogger:
         if info and info.get("id"):
             self.run = wandb.init(id=info["id"], project=info.get("project") or os.environ.get("WANDB_PROJECT"),
                                   resume="allow", dir=str(run_dir))
-            print0(f"W&B: logging into the training run {info['id']} (resumed; from {info_path})")
+            self.key = evaluation_key(info_path, info, fingerprint, force)
+            print0(f"W&B: logging into the training run {info['id']} (resumed; from {info_path}) under {self.key}/")
         else:
             group = run_name or run_dir.name
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT"), name=f"{group}-eval", group=group,
                                   job_type="eval", dir=str(run_dir))
+            self.key = "rouge"
             print0(f"W&B: no {info_path}; logging into a new run {self.run.id} in group {group!r}")
+        self.tables = "predictions" + self.key[len("rouge"):]
         self.run.define_metric("train/global_step")
-        self.run.define_metric("rouge/*", step_metric="train/global_step")
+        self.run.define_metric(f"{self.key}/*", step_metric="train/global_step")
 
     def log(self, row: dict, prompts: list[Prompt], predictions: list[str]) -> None:
         per_example = rouge_per_example(predictions, [p.reference for p in prompts])
         table = self.wandb.Table(columns=["id", "prediction", "reference", "rougeLsum"],
                                  data=[[p.id, pred, p.reference, s["rougeLsum"]]
                                        for p, pred, s in zip(prompts, predictions, per_example)])
-        metrics = {f"rouge/{k}": row[k] for k in row if k.startswith("rouge")}
-        self.run.log({"train/global_step": row["global_step"], **metrics, "rouge/num_empty": row["num_empty"],
-                      f"predictions/{row['checkpoint']}": table})
+        metrics = {f"{self.key}/{k}": row[k] for k in row if k.startswith("rouge")}
+        self.run.log({"train/global_step": row["global_step"], **metrics, f"{self.key}/num_empty": row["num_empty"],
+                      f"{self.tables}/{row['checkpoint']}": table})
 
     def finish(self) -> None:
         offline = self.run.settings.mode == "offline"
@@ -58,3 +68,17 @@ class WandbLogger:
         if offline:
             # `wandb sync` uploads the folders of one run id in order of start time: training's, then this one.
             print0(f"W&B ran offline; to upload later: wandb sync {run_path.parent}/offline-run-*-{self.run.id}")
+
+
+def evaluation_key(info_path: Path, info: dict, fingerprint: str, force: bool) -> str:
+    """The key prefix of this scoring in the training run, recorded in wandb_run.json: the one of an earlier scoring
+    with the same settings (it is being resumed), or, for new settings or --force, the next unused one."""
+    evaluations = info.setdefault("evaluations", [])
+    if not force:
+        for evaluation in evaluations:
+            if evaluation["fingerprint"] == fingerprint:
+                return evaluation["key"]
+    key = "rouge" if not evaluations else f"rouge@{len(evaluations) + 1}"
+    evaluations.append({"key": key, "fingerprint": fingerprint, "force": force})
+    write_atomic(info_path, json.dumps(info))
+    return key
