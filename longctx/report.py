@@ -170,23 +170,44 @@ def write_csv(path: str | Path, points: list[dict]) -> Path:
     return write_atomic(path, text.getvalue())
 
 
+# Each metric its own marker and line style, drawn so that coinciding values stay visible: ROUGE-L's hollow marker is
+# larger than ROUGE-Lsum's filled one (the two are often equal on short summaries).
+METRIC_STYLES = {"rouge1": dict(marker="o", linestyle="-", markersize=5),
+                 "rouge2": dict(marker="s", linestyle="--", markersize=5),
+                 "rougeL": dict(marker="D", linestyle="-.", markersize=8, fillstyle="none"),
+                 "rougeLsum": dict(marker="o", linestyle=":", markersize=3.5)}
+
+
+def _step_axis(ax, steps: list[int]) -> None:
+    """Whole steps only: ticks at the checkpoints when there are few, else integer ticks; one checkpoint gets room
+    on both sides instead of a fractional scale."""
+    from matplotlib.ticker import MaxNLocator
+
+    distinct = sorted(set(steps))
+    if len(distinct) == 1:
+        ax.set_xlim(distinct[0] - 1, distinct[0] + 1)
+    if distinct and len(distinct) <= 12:
+        ax.set_xticks(distinct)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("global step")
+
+
 def plot_rouge(points: list[dict], best: dict | None, num_examples: int, path: str | Path) -> Path:
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     steps = [p["step"] for p in points]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for metric in ROUGE_TYPES:
-        (line,) = ax.plot(steps, [p[metric] for p in points], marker="o", markersize=4, label=LABELS[metric])
+        (line,) = ax.plot(steps, [p[metric] for p in points], label=LABELS[metric], **METRIC_STYLES[metric])
         if all(p[f"{metric}_low"] is not None for p in points):
             ax.fill_between(steps, [p[f"{metric}_low"] for p in points], [p[f"{metric}_high"] for p in points],
-                            color=line.get_color(), alpha=0.15, linewidth=0)
+                            color=line.get_color(), alpha=0.12, linewidth=0)
     if best:
         ax.plot([best["global_step"]], [best["rougeLsum"]], marker="*", markersize=16, color="black",
                 linestyle="none", label=f"best ROUGE-Lsum: {best['checkpoint']}")
-    ax.set_xlabel("global step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _step_axis(ax, steps)
     ax.set_ylabel("F-measure")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -200,9 +221,9 @@ def plot_rouge(points: list[dict], best: dict | None, num_examples: int, path: s
 
 def plot_loss(points: list[dict], path: str | Path, checkpoint_steps: list[int] = (),
               best_step: int | None = None) -> Path:
-    """Train and eval loss against global step (`points`: loss_points)."""
+    """Train and eval loss against global step (`points`: loss_points); the checkpoints as triangles on the step
+    axis, not as lines that look like the grid."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
@@ -211,15 +232,16 @@ def plot_loss(points: list[dict], path: str | Path, checkpoint_steps: list[int] 
         logged = [(p["step"], p[key]) for p in points if p[key] is not None]
         if logged:
             ax.plot(*zip(*logged), **style)
-    for step in sorted(set(checkpoint_steps)):
-        ax.axvline(step, color="grey", alpha=0.25, linewidth=0.8)
+    saved = sorted(set(checkpoint_steps))
+    if saved:  # y in axes coordinates: just above the step axis, whatever the losses' range
+        ax.plot(saved, [0.02] * len(saved), marker="^", markersize=8, linestyle="none", color="tab:green",
+                transform=ax.get_xaxis_transform(), clip_on=False, label="checkpoint")
     if best_step is not None:
         ax.axvline(best_step, color="black", linestyle="--", linewidth=1, label=f"best ROUGE-Lsum (step {best_step})")
-    ax.set_xlabel("global step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _step_axis(ax, [p["step"] for p in points] + saved)
     ax.set_ylabel("loss (summary tokens)")
     ax.grid(alpha=0.3)
-    ax.set_title("Loss from trainer_state.json (grey: checkpoints)")
+    ax.set_title("Loss from trainer_state.json")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     _save(fig, path)

@@ -207,3 +207,41 @@ def test_command_line_reports_a_line_that_is_not_a_row_and_refuses_an_empty_file
         report.main([str(run_dir)])
     assert exit_.value.code == 2
     assert f"error: {results}: holds no results row; score the run first" in capsys.readouterr().err
+
+
+def test_plots_keep_coinciding_metrics_apart_and_show_whole_steps(tmp_path, monkeypatch):
+    """One checkpoint whose ROUGE-L equals its ROUGE-Lsum (common for one-sentence summaries): each metric has its
+    own marker and line style, ROUGE-L's hollow marker is larger than ROUGE-Lsum's, the step ticks are whole
+    numbers, and the loss plot marks checkpoints with labelled triangles, not grey lines like the grid."""
+    figures = {}
+    real_save = report._save
+
+    def save_and_keep(fig, path):
+        ax = fig.axes[0]
+        figures[path.name] = {"lines": {line.get_label(): line for line in ax.get_lines()},
+                              "xticks": list(ax.get_xticks()), "xlim": ax.get_xlim()}
+        real_save(fig, path)
+
+    monkeypatch.setattr(report, "_save", save_and_keep)
+    (tmp_path / "checkpoint-7").mkdir()
+    equal = row("checkpoint-7", 7, 0.5)
+    equal.update(rougeL=0.5, rougeL_low=0.46, rougeL_high=0.53)  # the same as ROUGE-Lsum
+    state = {"log_history": [{"step": s, "loss": 3.0 - s / 10} for s in range(1, 8)] + [{"step": 7, "eval_loss": 2.5}]}
+    (tmp_path / "checkpoint-7" / "trainer_state.json").write_text(json.dumps(state))
+    report.write_report(tmp_path, [equal])
+
+    rouge = figures["rouge_by_step.png"]
+    styles = {m: (rouge["lines"][label].get_marker(), rouge["lines"][label].get_linestyle())
+              for m, label in report.LABELS.items()}
+    assert len(set(styles.values())) == 4, styles
+    lsum, rouge_l = rouge["lines"]["ROUGE-Lsum"], rouge["lines"]["ROUGE-L"]
+    assert list(rouge_l.get_ydata()) == list(lsum.get_ydata()) == [0.5]
+    assert rouge_l.get_fillstyle() == "none" and rouge_l.get_markersize() > lsum.get_markersize()
+    assert rouge["xticks"] == [7] and rouge["xlim"] == (6, 8)  # no fractional steps around one checkpoint
+
+    loss = figures["loss_curve.png"]
+    marks = loss["lines"]["checkpoint"]
+    assert marks.get_marker() == "^" and marks.get_linestyle() == "None" and list(marks.get_xdata()) == [7]
+    assert loss["xticks"] == [1, 2, 3, 4, 5, 6, 7]
+    vertical = [line for line in loss["lines"].values() if len(set(line.get_xdata())) == 1 and len(line.get_xdata()) == 2]
+    assert [line.get_label() for line in vertical] == ["best ROUGE-Lsum (step 7)"]  # the only vertical line
