@@ -7,6 +7,7 @@ import importlib.util
 
 import torch
 
+from .config import ConfigError
 from .settings import LoraArguments, ModelArguments
 
 
@@ -36,10 +37,14 @@ def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
 
     from .chat import ChatTemplateError, read_template
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-        trust_remote_code=model_args.trust_remote_code,
-    )
+    source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    except OSError as err:  # not a local directory, not in the hub cache, and no way to download it
+        setting = "tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "model_name_or_path"
+        raise ConfigError(f"setting '{setting}' = {source!r}: its tokenizer cannot be loaded on this machine "
+                          f"({' '.join(str(err).split()).split('. ')[0]}); download the model here (huggingface-cli download "
+                          f"{source}), or point {setting} at a local directory.") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model_args.chat_template:  # saved with the adapter (save_pretrained), so the adapter carries its template

@@ -63,6 +63,18 @@ def assert_same_adapter(run_dir, reference_dir) -> None:
         torch.testing.assert_close(trained[name], tensor, atol=1e-5, rtol=0, msg=name)
 
 
+def two_machines(command: list, output_dir, port: str, **env: str) -> tuple[list[Started], list[int]]:
+    """The same launcher command as machine 0 and machine 1 of a job of two (one process each), run to the end;
+    output_dir(rank) is each machine's OUTPUT_DIR. Returns the finished machines and their exit statuses."""
+    machines = [Started(["bash", *command], OUTPUT_DIR=output_dir(rank), NUM_MACHINES="2", MACHINE_RANK=str(rank),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NUM_PROCESSES="1", **env) for rank in (0, 1)]
+    try:
+        return machines, [machine.finish(timeout=600) for machine in machines]
+    finally:
+        for machine in machines:
+            machine.kill()
+
+
 def test_the_samples_carry_different_label_counts(tiny_dir, tiny_tokenizer):
     """Otherwise a per-micro-batch mean and the per-step normalisation would coincide and prove nothing."""
     records = [json.loads(line) for line in (tiny_dir / "data" / "train.jsonl").read_text().splitlines()[2:16]]
@@ -90,18 +102,14 @@ def test_two_machines_form_one_job_equal_to_one_machine(reference_run, tmp_path)
     """Each launcher starts one process; together they are one world of 2 that shards the data, writes one
     checkpoint series, and gives the reference's numbers. Machine 0 alone read the data files (in its preflight,
     then global rank 0 for the job) and tokenized first; no environment file was written."""
-    exp, out, probes = experiment_with(tmp_path, PROBE), tmp_path / "run", tmp_path / "probes"
+    exp, out, probes, cache = (experiment_with(tmp_path, PROBE), tmp_path / "run", tmp_path / "probes",
+                               tmp_path / "shared_datasets_cache")
     probes.mkdir()
-    machines = [Started(["bash", REPO_ROOT / "scripts" / "launch_train.sh", exp, *SAME_STEPS,
-                         "--gradient_accumulation_steps", "1"], OUTPUT_DIR=str(out), NUM_MACHINES="2",
-                        MACHINE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", NUM_PROCESSES="1",
-                        PROBE_DIR=str(probes)) for rank in (0, 1)]
-    try:
-        statuses = [machine.finish(timeout=600) for machine in machines]
-    finally:
-        for machine in machines:
-            machine.kill()
+    machines, statuses = two_machines([REPO_ROOT / "scripts" / "launch_train.sh", exp, *SAME_STEPS,
+                                       "--gradient_accumulation_steps", "1", "--datasets_cache_dir", cache],
+                                      lambda rank: str(out), "29541", PROBE_DIR=str(probes))
     assert statuses == [0, 0], "\n".join(m.output()[-3000:] for m in machines)
+    assert list(cache.rglob("*.arrow"))  # the tokenized corpus went to the datasets_cache_dir setting
     ranks = [json.loads((probes / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [(p["RANK"], p["WORLD_SIZE"], p["LOCAL_RANK"], p["GROUP_RANK"]) for p in ranks] == [
         ("0", "2", "0", "0"), ("1", "2", "0", "1")]
@@ -120,14 +128,7 @@ def test_two_machines_form_one_job_equal_to_one_machine(reference_run, tmp_path)
 def test_machines_that_do_not_share_output_dir_stop_naming_it(tmp_path, tiny_dir):
     """Machine-local storage: each machine's OUTPUT_DIR is another directory. Rank 0 writes a token there, rank 1
     cannot read it back: both stop before the model loads, with the same one-line reason."""
-    machines = [Started(["bash", TRAIN, *SAME_STEPS], OUTPUT_DIR=str(tmp_path / f"local-{rank}"), NUM_MACHINES="2",
-                        MACHINE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT="29542", NUM_PROCESSES="1")
-                for rank in (0, 1)]
-    try:
-        statuses = [machine.finish(timeout=600) for machine in machines]
-    finally:
-        for machine in machines:
-            machine.kill()
+    machines, statuses = two_machines([TRAIN, *SAME_STEPS], lambda rank: str(tmp_path / f"local-{rank}"), "29542")
     assert statuses == [2, 2], "\n".join(m.output()[-3000:] for m in machines)
     for rank, machine in enumerate(machines):  # each machine names its own OUTPUT_DIR
         expected = f"error: OUTPUT_DIR {tmp_path / f'local-{rank}'} is not one shared directory: rank 1 ("

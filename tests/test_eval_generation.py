@@ -105,7 +105,7 @@ def test_two_processes_merge_to_the_single_process_predictions(scored_run, tmp_p
     proc = run(["bash", EVAL, *SCORE_FLAGS], timeout=600, OUTPUT_DIR=str(out), NUM_PROCESSES="2",
                MASTER_PORT="29623")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "accelerate launch --multi_gpu --num_processes 2" in proc.stdout
+    assert "accelerate launch --quiet --multi_gpu --num_processes 2" in proc.stdout
     assert "with 2 process(es)" in proc.stdout
     assert proc.stdout.count("* best by rougeLsum") == 1  # rank 0 alone prints and writes
     rows1, rows2 = rows_of(single), rows_of(out)

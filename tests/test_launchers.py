@@ -202,24 +202,28 @@ def test_several_machines_use_deepspeeds_standard_launcher(launch):
     assert value_after(words, "--deepspeed_multinode_launcher") == "standard"  # torchrun, not pdsh
 
 
-# 009's data files are not on this machine; the preflight checks them, so its GPU paths read the tiny corpus
+# 009's data files and model are not on this machine; the preflight reads them, so its GPU paths read the tiny
+# corpus and the Qwen3-4B fixture
 TINY_DATA = ("--train_file", ".cache/tiny_smoke/data/train.jsonl", "--validation_file",
-             ".cache/tiny_smoke/data/validation.jsonl")
+             ".cache/tiny_smoke/data/validation.jsonl",
+             # the real Qwen3-4B config.json and tokenizer (no weights): what the preflight reads on the GPU machine
+             "--model_name_or_path", "tests/fixtures/qwen3-4b-instruct-2507")
 
 
 def test_four_gpus_four_processes_under_zero2_and_cuda_visible_devices_narrows_them(launch, tiny_dir):
-    words = echoed(launch(TRAIN_009, *TINY_DATA, gpus=4))
+    # PLAN=0: this machine's host memory is not the cluster's (the plan's host check is tested in test_planner_*)
+    words = echoed(launch(TRAIN_009, *TINY_DATA, gpus=4, PLAN="0"))
     assert value_after(words, "--num_processes") == "4" and "--use_deepspeed" in words
     assert "--num_cpu_threads_per_process" not in words
-    narrowed = launch(TRAIN_009, *TINY_DATA, gpus=4, CUDA_VISIBLE_DEVICES="0,2")
+    narrowed = launch(TRAIN_009, *TINY_DATA, gpus=4, CUDA_VISIBLE_DEVICES="0,2", PLAN="0")
     assert value_after(echoed(narrowed), "--num_processes") == "2"
 
 
 def test_deepspeed_launcher_takes_the_gpus_asked_for(launch, tiny_dir):
-    words = echoed(launch(TRAIN_009, *TINY_DATA, gpus=4, LAUNCHER="deepspeed", CUDA_VISIBLE_DEVICES="1,3"))
+    words = echoed(launch(TRAIN_009, *TINY_DATA, gpus=4, LAUNCHER="deepspeed", CUDA_VISIBLE_DEVICES="1,3", PLAN="0"))
     assert words[0] == "deepspeed" and value_after(words, "--include") == "localhost:1,3"
     assert "--num_gpus" not in words  # it would make DeepSpeed's runner drop CUDA_VISIBLE_DEVICES
-    words = echoed(launch(TRAIN_009, *TINY_DATA, gpus=4, LAUNCHER="deepspeed"))
+    words = echoed(launch(TRAIN_009, *TINY_DATA, gpus=4, LAUNCHER="deepspeed", PLAN="0"))
     assert value_after(words, "--num_gpus") == "4"
 
 

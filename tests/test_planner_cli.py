@@ -185,7 +185,9 @@ def fake_gpu_path(tmp_path, memory_mib: int = 81559) -> str:
 
 # 009's data files are not on this machine; a launch (not PLAN=1) checks them, so it reads the tiny corpus
 TINY_DATA = ("--train_file", ".cache/tiny_smoke/data/train.jsonl", "--validation_file",
-             ".cache/tiny_smoke/data/validation.jsonl")
+             ".cache/tiny_smoke/data/validation.jsonl",
+             # the real Qwen3-4B config.json and tokenizer (no weights): what the preflight reads on the GPU machine
+             "--model_name_or_path", "tests/fixtures/qwen3-4b-instruct-2507")
 
 
 def launch_009(tmp_path, *flags, **env):

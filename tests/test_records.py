@@ -65,22 +65,20 @@ def test_check_records_custom_field_names(tmp_path):
                                     f"holds it.")
 
 
-def test_non_utf8_bytes_name_the_line(tmp_path):
+@pytest.mark.parametrize("raw, expected", [
+    (json.dumps(GOOD).encode() + b"\n" + b'{"document": "caf\xe9", "summary": "s"}\n',
+     "{path}: 1 unusable record of 2; " + FIX + "\n  {path}:2: not valid UTF-8 (invalid continuation byte at byte "
+     "17); re-encode the file as UTF-8."),
+    (b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n",  # a byte-order mark makes the whole file unreadable
+     "{path}: line 1: starts with a UTF-8 byte-order mark; save the file as UTF-8 without BOM (e.g. "
+     "`sed -i '1s/^\\xEF\\xBB\\xBF//' {path}`)."),
+], ids=["non-utf8-bytes", "byte-order-mark"])
+def test_encoding_errors_name_the_line(tmp_path, raw, expected):
     path = tmp_path / "train.jsonl"
-    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"document": "caf\xe9", "summary": "s"}\n')
+    path.write_bytes(raw)
     with pytest.raises(DataError) as info:
         check_records(path, DataArguments())
-    assert str(info.value) == (f"{path}: 1 unusable record of 2; {FIX}\n  {path}:2: not valid UTF-8 (invalid "
-                               f"continuation byte at byte 17); re-encode the file as UTF-8.")
-
-
-def test_a_byte_order_mark_makes_the_file_unreadable(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
-    with pytest.raises(DataError) as info:
-        check_records(path, DataArguments())
-    assert str(info.value) == (f"{path}: line 1: starts with a UTF-8 byte-order mark; save the file as UTF-8 "
-                               f"without BOM (e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' {path}`).")
+    assert str(info.value) == expected.format(path=path)
 
 
 def test_check_records_accepts_crlf(tmp_path):

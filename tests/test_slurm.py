@@ -18,8 +18,9 @@ import pytest
 from conftest import REPO_ROOT, subprocess_env
 
 SBATCH = REPO_ROOT / "experiments" / "009_text_summary" / "slurm_train.sbatch"
+# 009's data and model are not on this machine: the tiny corpus, and the Qwen3-4B fixture (config.json + tokenizer)
 TINY_DATA = ["--train_file", ".cache/tiny_smoke/data/train.jsonl", "--validation_file",
-             ".cache/tiny_smoke/data/validation.jsonl"]
+             ".cache/tiny_smoke/data/validation.jsonl", "--model_name_or_path", "tests/fixtures/qwen3-4b-instruct-2507"]
 SRUN = """#!/usr/bin/env bash
 # srun stand-in: the task (what follows srun's own options) once per node, SLURM_NODEID set; its status: the highest
 echo "srun $*" >> "$SLURM_RECORD"
@@ -73,7 +74,7 @@ def test_the_header_asks_for_nodes_gpus_the_signal_ahead_and_requeue():
 
 def test_each_node_runs_one_launcher_of_one_job(slurm, tiny_dir):
     submit, record = slurm
-    proc = submit(*TINY_DATA, DRY_RUN="1")
+    proc = submit(*TINY_DATA, DRY_RUN="1", PLAN="0")  # PLAN=0: this machine's host memory is not a node's
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[0] == "job 4242: 2 node(s), machine 0 at gpu-a17:29500 (restart 0)"
     assert record.read_text().splitlines()[0].startswith("srun --ntasks-per-node=1 --kill-on-bad-exit=0 bash -c ")
@@ -87,7 +88,7 @@ def test_each_node_runs_one_launcher_of_one_job(slurm, tiny_dir):
         assert value == {"--num_machines": "2", "--machine_rank": str(node), "--main_process_ip": "gpu-a17",
                          "--main_process_port": "29500", "--num_processes": "8",
                          "--deepspeed_multinode_launcher": "standard"}
-        assert command[-4:] == TINY_DATA  # the flags given to sbatch reach every node's launcher
+        assert command[-6:] == TINY_DATA  # the flags given to sbatch reach every node's launcher
         assert ("data:" in output) == (node == 0)  # machine 0 checks the data and OUTPUT_DIR for the job
 
 
