@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import enum
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -220,6 +221,59 @@ def validate_memory(memory: MemoryArguments, training: TrainingArguments) -> Non
                f"processes) or set tiled_mlp: false.")
 
 
+def deepspeed_zero_stage(training: TrainingArguments) -> int | None:
+    """The ZeRO stage of the DeepSpeed config in use (0 when it names none), None when DeepSpeed is off or its
+    config cannot be read (the `deepspeed` file check reports that)."""
+    configured = training.deepspeed
+    if isinstance(configured, dict):
+        return int(configured.get("zero_optimization", {}).get("stage", 0))
+    if not configured or not Path(configured).is_file():
+        return None
+    try:
+        values = json.loads(Path(configured).read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ConfigError(f"setting 'deepspeed' = {configured!r}: not valid JSON: {err}") from err
+    return int(values.get("zero_optimization", {}).get("stage", 0))
+
+
+def validate_sequence_parallel(memory: MemoryArguments, model: ModelArguments, data: DataArguments,
+                               training: TrainingArguments, world_size: int | None, architecture=None) -> None:
+    """sequence_parallel_size against the launch (world_size: processes of the whole job; None: not known here, e.g.
+    a plan printed away from the cluster), DeepSpeed, the attention, the padding and the model's heads
+    (`architecture`: longctx.planner.architecture.Architecture, None when it cannot be read offline)."""
+    sp = memory.sequence_parallel_size
+    _check(sp >= 1, "sequence_parallel_size", sp, "use 1 (off) or the number of GPUs that share one sample.")
+    if sp == 1:
+        return
+    if world_size is not None:
+        _check(world_size % sp == 0, "sequence_parallel_size", sp,
+               f"the launch has {world_size} processes (NUM_PROCESSES x NUM_MACHINES), not a multiple of {sp}; "
+               f"launch a multiple of {sp} processes, or set sequence_parallel_size to a divisor of {world_size}.")
+    stage = deepspeed_zero_stage(training)
+    _check(stage is not None and 1 <= stage <= 3, "sequence_parallel_size", sp,
+           ("it needs DeepSpeed (Ulysses sequence parallelism is DeepSpeed's); launch with USE_DEEPSPEED=1 (the "
+            "launcher's default for several processes) or set sequence_parallel_size: 1." if stage is None else
+            f"it needs ZeRO stage 1, 2 or 3 and {training.deepspeed} sets stage {stage} (stage 0 crashes under "
+            f"sequence parallelism, DeepSpeed issue #7833); use the experiment's ds_config_zero2.json."))
+    _check(model.attn_implementation != "eager", "attn_implementation", "eager",
+           f"sequence parallelism (sequence_parallel_size {sp}) works with sdpa or flash_attention_2 (eager needs a "
+           f"seq x seq mask the Ulysses attention drops); use auto.")
+    _check(data.pad_to_multiple_of is None or data.pad_to_multiple_of % sp == 0, "pad_to_multiple_of",
+           data.pad_to_multiple_of, f"every batch is cut into sequence_parallel_size = {sp} equal slices; use a "
+           f"multiple of {sp}, or leave it unset (batches are then padded to a multiple of {sp}).")
+    if architecture is not None:
+        heads, kv = architecture.num_attention_heads, architecture.num_key_value_heads
+        _check(heads % sp == 0 and (kv % sp == 0 or sp % kv == 0), "sequence_parallel_size", sp,
+               f"{model.model_name_or_path} has {heads} attention heads and {kv} KV heads; each of the {sp} GPUs "
+               f"of a sample attends with heads / {sp} of them, so both must divide by it (or {sp} by the KV heads, "
+               f"which are then replicated): use one of {sp_sizes(heads, kv)}.")
+
+
+def sp_sizes(heads: int, kv_heads: int) -> list[int]:
+    """Every sequence_parallel_size > 1 that `heads` query heads and `kv_heads` KV heads allow."""
+    return [n for n in range(2, heads + 1) if heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)]
+
+
 # A boolean (batch, 1, seq, seq) mask above this many bytes is refused: at 1 GiB a padded batch of 2 prompts is about
 # 23,000 tokens long, far below long context, and the mask also keeps SDPA off its flash kernel.
 ATTENTION_MASK_LIMIT_BYTES = 2**30
@@ -245,14 +299,29 @@ def validate_attention_masks(model: ModelArguments, data: DataArguments, gen: Ge
            f"(pip install flash-attn --no-build-isolation) and use attn_implementation: auto or flash_attention_2.")
 
 
-def validate(*parsed, files_at_hand: bool = True) -> None:
-    """Every check that can run before weights, data or process groups are touched (dataclasses in any order)."""
+def _architecture(model: ModelArguments, experiment_dir):
+    """The model's shape without weights or network, None when it cannot be read here (then DeepSpeed checks the
+    heads when the model is prepared)."""
+    from .planner.architecture import ArchitectureError, load_architecture
+
+    try:
+        return load_architecture(model.model_name_or_path, experiment_dir)
+    except ArchitectureError:
+        return None
+
+
+def validate(*parsed, files_at_hand: bool = True, world_size: int | None = None,
+             experiment_dir: str | os.PathLike | None = None) -> None:
+    """Every check that can run before weights, data or process groups are touched (dataclasses in any order).
+    world_size: processes of the whole job (None: not known, e.g. PLAN=1 on a laptop); experiment_dir: where the
+    model_architecture.json is when the model's config.json cannot be read offline (sequence parallelism's heads)."""
     args = by_type(parsed)
     model, data, lora, gen = args[ModelArguments], args[DataArguments], args[LoraArguments], args[GenerationArguments]
     run, training = args.get(RunArguments, RunArguments()), args[TrainingArguments]
     validate_data(data, files_at_hand=files_at_hand)
     validate_chat_template(model)
-    validate_memory(args.get(MemoryArguments, MemoryArguments()), training)
+    memory = args.get(MemoryArguments, MemoryArguments())
+    validate_memory(memory, training)
     _check(lora.lora_r > 0, "lora_r", lora.lora_r, "use a positive rank such as 8, 16 or 64.")
     _check(lora.lora_alpha > 0, "lora_alpha", lora.lora_alpha, "use a positive value, typically 2 x lora_r.")
     _check(0.0 <= lora.lora_dropout < 1.0, "lora_dropout", lora.lora_dropout, "use a value in [0, 1).")
@@ -281,3 +350,5 @@ def validate(*parsed, files_at_hand: bool = True) -> None:
     if training.deepspeed and isinstance(training.deepspeed, str):
         _check(Path(training.deepspeed).is_file(), "deepspeed", training.deepspeed,
                "file not found; point it at the experiment's ds_config_zero2.json.")
+    validate_sequence_parallel(memory, model, data, training, world_size,
+                               _architecture(model, experiment_dir) if memory.sequence_parallel_size > 1 else None)

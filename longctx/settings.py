@@ -139,6 +139,15 @@ class MemoryArguments:
                           "offload -> torch save_on_cpu). Needs activation_checkpointing and that much host RAM per "
                           "process; slower steps."},
     )
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Split each sample's sequence over this many GPUs (Ulysses sequence parallelism: DeepSpeed "
+                          "ALST through accelerate and the Trainer): each GPU holds max_seq_length / N tokens of "
+                          "activations. Needs DeepSpeed ZeRO 1-3, attention heads and KV heads divisible by N (or "
+                          "N divisible by the KV heads), a world size divisible by N, sdpa or flash_attention_2. "
+                          "An optimizer step then holds per_device_train_batch_size x gradient_accumulation_steps x "
+                          "world size / N samples. 1: off."},
+    )
 
 
 @dataclass
