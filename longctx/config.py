@@ -221,19 +221,16 @@ def validate_memory(memory: MemoryArguments, training: TrainingArguments) -> Non
                f"processes) or set tiled_mlp: false.")
 
 
-def deepspeed_zero_stage(training: TrainingArguments) -> int | None:
-    """The ZeRO stage of the DeepSpeed config in use (0 when it names none), None when DeepSpeed is off or its
-    config cannot be read (the `deepspeed` file check reports that)."""
+def deepspeed_zero_settings(training: TrainingArguments) -> dict | None:
+    """The zero_optimization section of the DeepSpeed config in use ({} when it has none), None when DeepSpeed is
+    off or its config cannot be read (the `deepspeed` file check reports that)."""
     configured = training.deepspeed
-    if isinstance(configured, dict):
-        return int(configured.get("zero_optimization", {}).get("stage", 0))
-    if not configured or not Path(configured).is_file():
-        return None
-    try:
-        values = json.loads(Path(configured).read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ConfigError(f"setting 'deepspeed' = {configured!r}: not valid JSON: {err}") from err
-    return int(values.get("zero_optimization", {}).get("stage", 0))
+    if isinstance(configured, str) and Path(configured).is_file():
+        try:
+            configured = json.loads(Path(configured).read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ConfigError(f"setting 'deepspeed' = {training.deepspeed!r}: not valid JSON: {err}") from err
+    return configured.get("zero_optimization", {}) if isinstance(configured, dict) else None
 
 
 def validate_sequence_parallel(memory: MemoryArguments, model: ModelArguments, data: DataArguments,
@@ -249,12 +246,19 @@ def validate_sequence_parallel(memory: MemoryArguments, model: ModelArguments, d
         _check(world_size % sp == 0, "sequence_parallel_size", sp,
                f"the launch has {world_size} processes (NUM_PROCESSES x NUM_MACHINES), not a multiple of {sp}; "
                f"launch a multiple of {sp} processes, or set sequence_parallel_size to a divisor of {world_size}.")
-    stage = deepspeed_zero_stage(training)
-    _check(stage is not None and 1 <= stage <= 3, "sequence_parallel_size", sp,
-           ("it needs DeepSpeed (Ulysses sequence parallelism is DeepSpeed's); launch with USE_DEEPSPEED=1 (the "
-            "launcher's default for several processes) or set sequence_parallel_size: 1." if stage is None else
-            f"it needs ZeRO stage 1, 2 or 3 and {training.deepspeed} sets stage {stage} (stage 0 crashes under "
-            f"sequence parallelism, DeepSpeed issue #7833); use the experiment's ds_config_zero2.json."))
+    zero = deepspeed_zero_settings(training)
+    _check(zero is not None, "sequence_parallel_size", sp, "it needs DeepSpeed (Ulysses sequence parallelism is "
+           "DeepSpeed's); launch with USE_DEEPSPEED=1 (the launcher's default for several processes) or set "
+           "sequence_parallel_size: 1.")
+    stage = int(zero.get("stage", 0))
+    _check(1 <= stage <= 3, "sequence_parallel_size", sp,
+           f"it needs ZeRO stage 1, 2 or 3 and {training.deepspeed} sets stage {stage} (stage 0 crashes under "
+           f"sequence parallelism, DeepSpeed issue #7833); use the experiment's ds_config_zero2.json.")
+    # ZeRO 3 divides the summed gradients by the world size on its reduce-scatter path (the trainer scales the loss
+    # for that); without it, by world / sp on some buckets and by world on others: no one loss scale is right
+    _check(stage != 3 or zero.get("reduce_scatter", True) is True, "sequence_parallel_size", sp,
+           f"under ZeRO stage 3 it needs reduce_scatter: true (DeepSpeed's default) in {training.deepspeed}'s "
+           f"zero_optimization; remove reduce_scatter: false there.")
     _check(model.attn_implementation != "eager", "attn_implementation", "eager",
            f"sequence parallelism (sequence_parallel_size {sp}) works with sdpa or flash_attention_2 (eager needs a "
            f"seq x seq mask the Ulysses attention drops); use auto.")

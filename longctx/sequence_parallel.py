@@ -38,6 +38,16 @@ def parallelism_config(sp_size: int, world_size: int, attn_implementation: str):
                                                    sp_attn_implementation=attn_implementation))
 
 
+def gradient_average_size(world_size: int, sp_size: int, zero_stage: int) -> int:
+    """What DeepSpeed divides the gradients summed over all ranks by under SP, so what the loss (a share of the
+    step's token count) is multiplied by to give the single-process gradient. ZeRO 1 and 2 divide by the
+    data-parallel size world / sp_size (deepspeed/runtime/zero/stage_1_and_2.py: dp_world_size / sequence_parallel
+    _size); ZeRO 3 with reduce_scatter (validation requires it) divides by the world size (reduce_scatter_coalesced
+    averages over every rank). Measured on CPU, 2 ranks, SP 2: grad_norm equal to one process's with these, half
+    of it under ZeRO 3 with world / sp_size."""
+    return world_size if zero_stage == 3 else world_size // sp_size
+
+
 def padded_length(max_seq_length: int, sp_size: int) -> int:
     """max_seq_length rounded up to a multiple of sp_size: the one length every CPU training batch is padded to."""
     return -(-max_seq_length // sp_size) * sp_size
@@ -68,12 +78,16 @@ def sp_group():
     return groups._get_sequence_parallel_group()
 
 
-def whole_sample(local: torch.Tensor) -> torch.Tensor:
-    """`local` (this rank's part of the loss) plus the other SP ranks' parts, as a constant: the value is the whole
-    sample's, the gradient stays this rank's own (the others' parts reach their own ranks' gradients)."""
-    total = local.detach().clone()
+def logged_as(for_gradient: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+    """A loss whose value is `shown` and whose gradient is `for_gradient`'s (the difference is a constant)."""
+    return for_gradient + (shown - for_gradient.detach())
+
+
+def sp_sum(value: torch.Tensor) -> torch.Tensor:
+    """`value` summed over this rank's SP group (a detached copy): the parts of one sample added up."""
+    total = value.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=sp_group())
-    return local + (total - local.detach())
+    return total
 
 
 def resumable(adapter):

@@ -43,10 +43,18 @@ class LongContextTrainer(Trainer):
         self.throughput = ThroughputMeter()
         self.sp_size = self.get_sp_size()
 
-    @property
-    def data_parallel_size(self) -> int:
-        """Processes that see different samples: under SP each group of sp_size processes shares one sample."""
-        return self.accelerator.num_processes // self.sp_size
+    def loss_multiplier(self, training: bool) -> int:
+        """What the loss (a share of the label tokens counted over every process) is multiplied by: the number the
+        gradients summed over processes are divided by, the process count under DDP / ZeRO; under SP what DeepSpeed
+        divides by (longctx.sequence_parallel.gradient_average_size). In evaluation under SP (SP is off there) the
+        Trainer has divided its count by the SP size: world / SP size makes the mean over ranks the loss again."""
+        world = self.accelerator.num_processes
+        if self.sp_size == 1:
+            return world
+        if not training:
+            return world // self.sp_size
+        stage = getattr(self.model_wrapped, "zero_optimization_stage", lambda: 0)()
+        return sequence_parallel.gradient_average_size(world, self.sp_size, stage)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """Under SP the batches carry `shift_labels`, not `labels`, and the Trainer counts nothing (it counts only
@@ -79,17 +87,24 @@ class LongContextTrainer(Trainer):
                 "the loss would be a per-micro-batch mean and, with loss_is_scaled_for_ga, the gradients "
                 f"{self.args.gradient_accumulation_steps} (gradient_accumulation_steps) times too large. Check that "
                 "the batches carry 'labels' and that this transformers version still counts them.")
-        loss, _ = summary_loss(model, inputs, num_items_in_batch)
+        share, _ = summary_loss(model, inputs, num_items_in_batch)
+        loss = share
         if num_items_in_batch is not None and (self.args.average_tokens_across_devices or self.sp_size > 1):
-            # num_items_in_batch counts every process's labels, and DDP / ZeRO average gradients over the
-            # data-parallel processes (ZeRO 1/2 under SP: summed over every rank, divided by world / sp_size).
-            loss = loss * self.data_parallel_size
+            # num_items_in_batch counts every process's labels, and DDP / ZeRO average gradients over processes.
+            loss = loss * self.loss_multiplier(model.training)
         if model.training and self.sp_size > 1:
-            loss = sequence_parallel.whole_sample(loss)  # logged: the whole sample's loss; gradient unchanged
+            loss = self._whole_sample(loss, share)
         if model.training:
             self.throughput.add(int(inputs["attention_mask"].sum()))
             self._stop_if_nonfinite(loss.detach(), "training loss")
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _whole_sample(self, loss: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+        """Under SP each rank's `share` covers its slice of the sample. The Trainer logs the mean over all ranks of
+        what compute_loss returns, and single-process training logs the step's whole loss; so every rank returns
+        the sum of its SP group's shares x the data-parallel size as its value, with `loss`'s gradient."""
+        shown = sequence_parallel.sp_sum(share) * (self.accelerator.num_processes // self.sp_size)
+        return sequence_parallel.logged_as(loss, shown)
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The Trainer calls this once per optimizer step, after clipping and before `optimizer.step()`; under
