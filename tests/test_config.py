@@ -11,8 +11,8 @@ from transformers import TrainingArguments
 
 from conftest import REPO_ROOT, subprocess_env, write_jsonl
 from longctx.config import ConfigError, by_type, parse_config, validate
-from longctx.settings import (DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments,
-                              PlanArguments)
+from longctx.settings import (DATACLASSES, DataArguments, GenerationArguments, LoraArguments, MemoryArguments,
+                              ModelArguments, PlanArguments)
 
 CONFIG_000 = REPO_ROOT / "experiments" / "000_tiny_smoke" / "config.yaml"
 CONFIG_009 = REPO_ROOT / "experiments" / "009_text_summary" / "config.yaml"
@@ -248,6 +248,98 @@ def test_validate_refuses_a_padded_generation_batch_that_would_build_a_seq_by_se
 def test_pad_to_multiple_of_is_no_longer_recommended():
     help_text = next(f for f in dataclasses.fields(DataArguments) if f.name == "pad_to_multiple_of").metadata["help"]
     assert "Leave unset" in help_text and "8 suits" not in help_text
+
+
+# --- sequence_parallel_size: refused before launch, naming the setting, the value and the fix ---------------------
+
+
+@pytest.fixture()
+def sp_args(tmp_path, valid_args):
+    """valid_args with a model of Qwen3-4B's heads (32 query, 8 KV: its config.json values) and ZeRO-2."""
+    import json
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "hidden_size": 2560, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "intermediate_size": 9728, "vocab_size": 151936}))
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    model, data, lora, gen, training = valid_args
+    training.deepspeed = str(ds)
+    return [dataclasses.replace(model, model_name_or_path=str(model_dir)), data, lora, gen, training,
+            MemoryArguments(sequence_parallel_size=4)]
+
+
+def sp_error(args, world_size=8) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(*args, world_size=world_size)
+    return str(info.value)
+
+
+def test_sequence_parallel_accepts_heads_world_and_zero_that_fit(sp_args):
+    validate(*sp_args, world_size=8)  # 32 / 4 query heads, 8 / 4 KV heads per GPU; 2 groups of 4 GPUs
+    validate(*sp_args, world_size=None)  # PLAN=1 on a laptop: the launch size is not known, the planner checks it
+    sp_args[-1] = MemoryArguments(sequence_parallel_size=16)  # 8 KV heads replicated twice: DeepSpeed allows it
+    validate(*sp_args, world_size=16)
+
+
+def test_sequence_parallel_refuses_a_world_size_it_does_not_divide(sp_args):
+    assert sp_error(sp_args, world_size=6) == (
+        "setting 'sequence_parallel_size' = 4: the launch has 6 processes (NUM_PROCESSES x NUM_MACHINES), not a "
+        "multiple of 4; launch a multiple of 4 processes, or set sequence_parallel_size to a divisor of 6.")
+
+
+def test_sequence_parallel_refuses_heads_it_does_not_divide(sp_args):
+    sp_args[-1] = MemoryArguments(sequence_parallel_size=3)
+    # the sizes 32 query and 8 KV heads allow: 2, 4, 8 (both divide), 16, 32 (query heads divide; KV replicated)
+    assert sp_error(sp_args, world_size=6) == (
+        f"setting 'sequence_parallel_size' = 3: {sp_args[0].model_name_or_path} has 32 attention heads and 8 KV "
+        f"heads; each of the 3 GPUs of a sample attends with heads / 3 of them, so both must divide by it (or 3 by "
+        f"the KV heads, which are then replicated): use one of [2, 4, 8, 16, 32].")
+
+
+def test_sequence_parallel_refuses_training_without_deepspeed_or_with_zero_0(sp_args, tmp_path):
+    training = sp_args[4]
+    training.deepspeed = None
+    assert sp_error(sp_args) == (
+        "setting 'sequence_parallel_size' = 4: it needs DeepSpeed (Ulysses sequence parallelism is DeepSpeed's); "
+        "launch with USE_DEEPSPEED=1 (the launcher's default for several processes) or set sequence_parallel_size: 1.")
+    zero0 = tmp_path / "zero0.json"
+    zero0.write_text('{"zero_optimization": {"stage": 0}}')
+    training.deepspeed = str(zero0)
+    assert sp_error(sp_args) == (
+        f"setting 'sequence_parallel_size' = 4: it needs ZeRO stage 1, 2 or 3 and {zero0} sets stage 0 (stage 0 "
+        f"crashes under sequence parallelism, DeepSpeed issue #7833); use the experiment's ds_config_zero2.json.")
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text('{"zero_optimization": {"stage": 3, "reduce_scatter": false}}')
+    training.deepspeed = str(zero3)
+    assert sp_error(sp_args) == (
+        f"setting 'sequence_parallel_size' = 4: under ZeRO stage 3 it needs reduce_scatter: true (DeepSpeed's "
+        f"default) in {zero3}'s zero_optimization; remove reduce_scatter: false there.")
+    zero3.write_text('{"zero_optimization": {"stage": 3}}')
+    validate(*sp_args, world_size=8)
+
+
+def test_sequence_parallel_refuses_eager_attention_and_padding_it_cannot_cut(sp_args):
+    model, data = sp_args[0], sp_args[1]
+    sp_args[0] = dataclasses.replace(model, attn_implementation="eager")
+    sp_args[1] = dataclasses.replace(data, max_seq_length=4096)  # under eager's own 8192-token limit
+    assert sp_error(sp_args) == (
+        "setting 'attn_implementation' = 'eager': sequence parallelism (sequence_parallel_size 4) works with sdpa or "
+        "flash_attention_2 (eager needs a seq x seq mask the Ulysses attention drops); use auto.")
+    sp_args[0], sp_args[1] = model, dataclasses.replace(data, pad_to_multiple_of=6)
+    assert sp_error(sp_args) == (
+        "setting 'pad_to_multiple_of' = 6: every batch is cut into sequence_parallel_size = 4 equal slices; use a "
+        "multiple of 4, or leave it unset (batches are then padded to a multiple of 4).")
+    sp_args[1] = dataclasses.replace(data, pad_to_multiple_of=8)
+    validate(*sp_args, world_size=8)
+
+
+def test_sequence_parallel_size_zero_is_refused(sp_args):
+    sp_args[-1] = MemoryArguments(sequence_parallel_size=0)
+    assert sp_error(sp_args) == ("setting 'sequence_parallel_size' = 0: use 1 (off) or the number of GPUs that "
+                                 "share one sample.")
 
 
 # --- the real entry point ---------------------------------------------------------------------------------------
