@@ -234,10 +234,12 @@ def deepspeed_zero_settings(training: TrainingArguments) -> dict | None:
 
 
 def validate_sequence_parallel(memory: MemoryArguments, model: ModelArguments, data: DataArguments,
-                               training: TrainingArguments, world_size: int | None, architecture=None) -> None:
+                               world_size: int | None, zero: dict | None, deepspeed: str | None = None,
+                               architecture=None) -> None:
     """sequence_parallel_size against the launch (world_size: processes of the whole job; None: not known here, e.g.
-    a plan printed away from the cluster), DeepSpeed, the attention, the padding and the model's heads
-    (`architecture`: longctx.planner.architecture.Architecture, None when it cannot be read offline)."""
+    a plan printed away from the cluster), DeepSpeed (`zero`: the zero_optimization section of the config named
+    `deepspeed`, None: DeepSpeed off), the attention, the padding and the model's heads (`architecture`:
+    longctx.planner.architecture.Architecture, None when it cannot be read offline). The planner calls it too."""
     sp = memory.sequence_parallel_size
     _check(sp >= 1, "sequence_parallel_size", sp, "use 1 (off) or the number of GPUs that share one sample.")
     if sp == 1:
@@ -246,18 +248,17 @@ def validate_sequence_parallel(memory: MemoryArguments, model: ModelArguments, d
         _check(world_size % sp == 0, "sequence_parallel_size", sp,
                f"the launch has {world_size} processes (NUM_PROCESSES x NUM_MACHINES), not a multiple of {sp}; "
                f"launch a multiple of {sp} processes, or set sequence_parallel_size to a divisor of {world_size}.")
-    zero = deepspeed_zero_settings(training)
     _check(zero is not None, "sequence_parallel_size", sp, "it needs DeepSpeed (Ulysses sequence parallelism is "
            "DeepSpeed's); launch with USE_DEEPSPEED=1 (the launcher's default for several processes) or set "
            "sequence_parallel_size: 1.")
     stage = int(zero.get("stage", 0))
     _check(1 <= stage <= 3, "sequence_parallel_size", sp,
-           f"it needs ZeRO stage 1, 2 or 3 and {training.deepspeed} sets stage {stage} (stage 0 crashes under "
+           f"it needs ZeRO stage 1, 2 or 3 and {deepspeed} sets stage {stage} (stage 0 crashes under "
            f"sequence parallelism, DeepSpeed issue #7833); use the experiment's ds_config_zero2.json.")
     # ZeRO 3 divides the summed gradients by the world size on its reduce-scatter path (the trainer scales the loss
     # for that); without it, by world / sp on some buckets and by world on others: no one loss scale is right
     _check(stage != 3 or zero.get("reduce_scatter", True) is True, "sequence_parallel_size", sp,
-           f"under ZeRO stage 3 it needs reduce_scatter: true (DeepSpeed's default) in {training.deepspeed}'s "
+           f"under ZeRO stage 3 it needs reduce_scatter: true (DeepSpeed's default) in {deepspeed}'s "
            f"zero_optimization; remove reduce_scatter: false there.")
     _check(model.attn_implementation != "eager", "attn_implementation", "eager",
            f"sequence parallelism (sequence_parallel_size {sp}) works with sdpa or flash_attention_2 (eager needs a "
@@ -354,5 +355,6 @@ def validate(*parsed, files_at_hand: bool = True, world_size: int | None = None,
     if training.deepspeed and isinstance(training.deepspeed, str):
         _check(Path(training.deepspeed).is_file(), "deepspeed", training.deepspeed,
                "file not found; point it at the experiment's ds_config_zero2.json.")
-    validate_sequence_parallel(memory, model, data, training, world_size,
-                               _architecture(model, experiment_dir) if memory.sequence_parallel_size > 1 else None)
+    if memory.sequence_parallel_size != 1:
+        validate_sequence_parallel(memory, model, data, world_size, deepspeed_zero_settings(training),
+                                   training.deepspeed, _architecture(model, experiment_dir))

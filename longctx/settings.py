@@ -36,6 +36,13 @@ class ModelArguments:
         metadata={"help": "auto: flash_attention_2 when flash_attn imports on CUDA, else PyTorch sdpa. "
                           "eager materialises seq x seq scores: never use it at long context."},
     )
+    rope_yarn_factor: float | None = field(
+        default=None,
+        metadata={"help": "Stretch the model's rotary position embedding with YaRN by this factor, in training and "
+                          "evaluation: positions up to factor x its max_position_embeddings (the context it was "
+                          "trained for; original_max_position_embeddings in YaRN's terms). 4.0 takes "
+                          "Qwen3-4B-Instruct-2507 from 262,144 to 1,048,576 tokens. Unset: the model's own RoPE."},
+    )
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto",
         metadata={"help": "Weight dtype. auto: bfloat16 on a GPU that supports it, float32 on CPU."},

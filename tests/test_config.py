@@ -161,6 +161,29 @@ def test_009_config_passes_validate_once_its_data_exists(bf16_gpu, tmp_path):
     validate(*parsed)
 
 
+@pytest.mark.parametrize("experiment, gpus, expected", [
+    ("010_text_summary_sp4", 4, (4, None, 262_144, False, False, 32)),
+    ("011_million_tokens", 8, (8, 4.0, 1_048_576, True, False, 32)),
+])
+def test_sequence_parallel_experiments_validate_on_their_gpus(bf16_gpu, tmp_path, experiment, gpus, expected):
+    """009's settings but for these (what each config says it changes), valid for the GPUs they are sized for (heads
+    from the shipped model_architecture.json, ZeRO-2 from their ds_config_zero2.json)."""
+    exp = REPO_ROOT / "experiments" / experiment
+    train = write_jsonl(tmp_path / "train.jsonl", [{"document": "d", "summary": "s"}])
+    val = write_jsonl(tmp_path / "validation.jsonl", [{"document": "d", "summary": "s"}])
+    parsed, _, _ = parse_config(["--config", str(exp / "config.yaml"), "--train_file", str(train),
+                                 "--validation_file", str(val), "--deepspeed", str(exp / "ds_config_zero2.json")])
+    args = by_type(parsed)
+    memory, model, data, training = (args[MemoryArguments], args[ModelArguments], args[DataArguments],
+                                     args[TrainingArguments])
+    assert (memory.sequence_parallel_size, model.rope_yarn_factor, data.max_seq_length, memory.tiled_mlp,
+            memory.offload_activations, training.gradient_accumulation_steps) == expected
+    assert args[PlanArguments].plan_gpus == gpus
+    validate(*parsed, world_size=gpus, experiment_dir=exp)
+    with pytest.raises(ConfigError, match="not a multiple of"):  # one GPU fewer: refused before anything starts
+        validate(*parsed, world_size=gpus - 1, experiment_dir=exp)
+
+
 # --- validate(): errors name the setting and the fix ----------------------------------------------------------------
 
 
@@ -301,23 +324,25 @@ def test_sequence_parallel_refuses_heads_it_does_not_divide(sp_args):
 
 def test_sequence_parallel_refuses_training_without_deepspeed_or_with_zero_0(sp_args, tmp_path):
     training = sp_args[4]
+
+    def use_zero(name: str, zero: str) -> str:
+        (tmp_path / name).write_text(f'{{"zero_optimization": {zero}}}')
+        training.deepspeed = str(tmp_path / name)
+        return training.deepspeed
+
     training.deepspeed = None
     assert sp_error(sp_args) == (
         "setting 'sequence_parallel_size' = 4: it needs DeepSpeed (Ulysses sequence parallelism is DeepSpeed's); "
         "launch with USE_DEEPSPEED=1 (the launcher's default for several processes) or set sequence_parallel_size: 1.")
-    zero0 = tmp_path / "zero0.json"
-    zero0.write_text('{"zero_optimization": {"stage": 0}}')
-    training.deepspeed = str(zero0)
+    zero0 = use_zero("zero0.json", '{"stage": 0}')
     assert sp_error(sp_args) == (
         f"setting 'sequence_parallel_size' = 4: it needs ZeRO stage 1, 2 or 3 and {zero0} sets stage 0 (stage 0 "
         f"crashes under sequence parallelism, DeepSpeed issue #7833); use the experiment's ds_config_zero2.json.")
-    zero3 = tmp_path / "zero3.json"
-    zero3.write_text('{"zero_optimization": {"stage": 3, "reduce_scatter": false}}')
-    training.deepspeed = str(zero3)
+    zero3 = use_zero("zero3.json", '{"stage": 3, "reduce_scatter": false}')
     assert sp_error(sp_args) == (
         f"setting 'sequence_parallel_size' = 4: under ZeRO stage 3 it needs reduce_scatter: true (DeepSpeed's "
         f"default) in {zero3}'s zero_optimization; remove reduce_scatter: false there.")
-    zero3.write_text('{"zero_optimization": {"stage": 3}}')
+    use_zero("zero3.json", '{"stage": 3}')  # reduce_scatter: DeepSpeed's default, true
     validate(*sp_args, world_size=8)
 
 

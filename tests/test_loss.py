@@ -79,12 +79,18 @@ def test_summary_loss_equals_full_logit_cross_entropy(tiny_model, samples, colla
     assert math.isfinite(loss.item()) and loss.item() > 0
 
 
+def summary_loss_and_grads(model, batch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    """summary_loss of one batch, its label count and the LoRA gradients it gives (then cleared)."""
+    loss, count = summary_loss(model, batch)
+    loss.backward()
+    grads = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), count, grads
+
+
 def test_summary_loss_lora_gradients_equal_reference(lora_model, samples, collate):
     batch = collate(samples[:2])
-    loss, _ = summary_loss(lora_model, batch)
-    loss.backward()
-    ours = lora_grads(lora_model)
-    lora_model.zero_grad(set_to_none=True)
+    loss, _, ours = summary_loss_and_grads(lora_model, batch)
 
     expected_loss = full_reference(lora_model, batch)
     expected_loss.backward()
@@ -230,16 +236,11 @@ def test_shift_labels_mark_the_same_positions_and_targets_as_labels():
 
 def test_summary_loss_from_shift_labels_equals_the_loss_from_labels(lora_model, samples, collate):
     batch = collate(samples[:2])
-    loss, count = summary_loss(lora_model, batch)
-    loss.backward()
-    expected = lora_grads(lora_model)
-    lora_model.zero_grad(set_to_none=True)
-
+    loss, count, expected = summary_loss_and_grads(lora_model, batch)
     sp_batch = {key: value for key, value in batch.items() if key != "labels"}
     sp_batch["shift_labels"] = adapter_shift(batch["labels"])
-    sp_loss, sp_count = summary_loss(lora_model, sp_batch)
-    sp_loss.backward()
+    sp_loss, sp_count, sp_grads = summary_loss_and_grads(lora_model, sp_batch)
     assert sp_count == count == label_count(batch)
     assert sp_loss.item() == pytest.approx(loss.item(), abs=1e-6)
-    for name, grad in lora_grads(lora_model).items():
+    for name, grad in sp_grads.items():
         torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=0, msg=name)
