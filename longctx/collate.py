@@ -4,7 +4,9 @@ Training batches are padded on the right and carry position_ids (0, 1, 2, ... in
 attention no real token ever looks at a later position, so the padding needs no attention mask, and the loss
 (longctx.loss) gives the model the positions instead of the mask. That keeps transformers from building a
 (batch, 1, seq, seq) mask under SDPA (64 GiB at 262,144 tokens), and sequence parallelism needs position_ids in
-every batch. Prompts for generation are padded on the left and keep their attention mask: there it is needed.
+every batch. Under sequence parallelism every batch is padded to a multiple of sequence_parallel_size (each rank
+takes an equal slice); on CPU, where gloo's all_gather needs equal shapes on every rank, to one fixed length
+(`pad_to_length`: longctx.sequence_parallel.collator_padding). Prompts for generation are padded on the left and keep their attention mask: there it is needed.
 """
 
 from __future__ import annotations
@@ -21,10 +23,15 @@ class PadCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     padding_side: str = "right"
+    pad_to_length: int | None = None  # every batch exactly this long (no sample is longer: max_seq_length)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
+        if self.pad_to_length:
+            if longest > self.pad_to_length:
+                raise ValueError(f"a sample of {longest} tokens is longer than pad_to_length {self.pad_to_length}")
+            longest = self.pad_to_length
+        elif self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for f in features:

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import enum
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -220,6 +221,64 @@ def validate_memory(memory: MemoryArguments, training: TrainingArguments) -> Non
                f"processes) or set tiled_mlp: false.")
 
 
+def deepspeed_zero_settings(training: TrainingArguments) -> dict | None:
+    """The zero_optimization section of the DeepSpeed config in use ({} when it has none), None when DeepSpeed is
+    off or its config cannot be read (the `deepspeed` file check reports that)."""
+    configured = training.deepspeed
+    if isinstance(configured, str) and Path(configured).is_file():
+        try:
+            configured = json.loads(Path(configured).read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ConfigError(f"setting 'deepspeed' = {training.deepspeed!r}: not valid JSON: {err}") from err
+    return configured.get("zero_optimization", {}) if isinstance(configured, dict) else None
+
+
+def validate_sequence_parallel(memory: MemoryArguments, model: ModelArguments, data: DataArguments,
+                               world_size: int | None, zero: dict | None, deepspeed: str | None = None,
+                               architecture=None) -> None:
+    """sequence_parallel_size against the launch (world_size: processes of the whole job; None: not known here, e.g.
+    a plan printed away from the cluster), DeepSpeed (`zero`: the zero_optimization section of the config named
+    `deepspeed`, None: DeepSpeed off), the attention, the padding and the model's heads (`architecture`:
+    longctx.planner.architecture.Architecture, None when it cannot be read offline). The planner calls it too."""
+    sp = memory.sequence_parallel_size
+    _check(sp >= 1, "sequence_parallel_size", sp, "use 1 (off) or the number of GPUs that share one sample.")
+    if sp == 1:
+        return
+    if world_size is not None:
+        _check(world_size % sp == 0, "sequence_parallel_size", sp,
+               f"the launch has {world_size} processes (NUM_PROCESSES x NUM_MACHINES), not a multiple of {sp}; "
+               f"launch a multiple of {sp} processes, or set sequence_parallel_size to a divisor of {world_size}.")
+    _check(zero is not None, "sequence_parallel_size", sp, "it needs DeepSpeed (Ulysses sequence parallelism is "
+           "DeepSpeed's); launch with USE_DEEPSPEED=1 (the launcher's default for several processes) or set "
+           "sequence_parallel_size: 1.")
+    stage = int(zero.get("stage", 0))
+    _check(1 <= stage <= 3, "sequence_parallel_size", sp,
+           f"it needs ZeRO stage 1, 2 or 3 and {deepspeed} sets stage {stage} (stage 0 crashes under "
+           f"sequence parallelism, DeepSpeed issue #7833); use the experiment's ds_config_zero2.json.")
+    # ZeRO 3 divides the summed gradients by the world size on its reduce-scatter path (the trainer scales the loss
+    # for that); without it, by world / sp on some buckets and by world on others: no one loss scale is right
+    _check(stage != 3 or zero.get("reduce_scatter", True) is True, "sequence_parallel_size", sp,
+           f"under ZeRO stage 3 it needs reduce_scatter: true (DeepSpeed's default) in {deepspeed}'s "
+           f"zero_optimization; remove reduce_scatter: false there.")
+    _check(model.attn_implementation != "eager", "attn_implementation", "eager",
+           f"sequence parallelism (sequence_parallel_size {sp}) works with sdpa or flash_attention_2 (eager needs a "
+           f"seq x seq mask the Ulysses attention drops); use auto.")
+    _check(data.pad_to_multiple_of is None or data.pad_to_multiple_of % sp == 0, "pad_to_multiple_of",
+           data.pad_to_multiple_of, f"every batch is cut into sequence_parallel_size = {sp} equal slices; use a "
+           f"multiple of {sp}, or leave it unset (batches are then padded to a multiple of {sp}).")
+    if architecture is not None:
+        heads, kv = architecture.num_attention_heads, architecture.num_key_value_heads
+        _check(heads % sp == 0 and (kv % sp == 0 or sp % kv == 0), "sequence_parallel_size", sp,
+               f"{model.model_name_or_path} has {heads} attention heads and {kv} KV heads; each of the {sp} GPUs "
+               f"of a sample attends with heads / {sp} of them, so both must divide by it (or {sp} by the KV heads, "
+               f"which are then replicated): use one of {sp_sizes(heads, kv)}.")
+
+
+def sp_sizes(heads: int, kv_heads: int) -> list[int]:
+    """Every sequence_parallel_size > 1 that `heads` query heads and `kv_heads` KV heads allow."""
+    return [n for n in range(2, heads + 1) if heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)]
+
+
 # A boolean (batch, 1, seq, seq) mask above this many bytes is refused: at 1 GiB a padded batch of 2 prompts is about
 # 23,000 tokens long, far below long context, and the mask also keeps SDPA off its flash kernel.
 ATTENTION_MASK_LIMIT_BYTES = 2**30
@@ -245,14 +304,29 @@ def validate_attention_masks(model: ModelArguments, data: DataArguments, gen: Ge
            f"(pip install flash-attn --no-build-isolation) and use attn_implementation: auto or flash_attention_2.")
 
 
-def validate(*parsed, files_at_hand: bool = True) -> None:
-    """Every check that can run before weights, data or process groups are touched (dataclasses in any order)."""
+def _architecture(model: ModelArguments, experiment_dir):
+    """The model's shape without weights or network, None when it cannot be read here (then DeepSpeed checks the
+    heads when the model is prepared)."""
+    from .planner.architecture import ArchitectureError, load_architecture
+
+    try:
+        return load_architecture(model.model_name_or_path, experiment_dir)
+    except ArchitectureError:
+        return None
+
+
+def validate(*parsed, files_at_hand: bool = True, world_size: int | None = None,
+             experiment_dir: str | os.PathLike | None = None) -> None:
+    """Every check that can run before weights, data or process groups are touched (dataclasses in any order).
+    world_size: processes of the whole job (None: not known, e.g. PLAN=1 on a laptop); experiment_dir: where the
+    model_architecture.json is when the model's config.json cannot be read offline (sequence parallelism's heads)."""
     args = by_type(parsed)
     model, data, lora, gen = args[ModelArguments], args[DataArguments], args[LoraArguments], args[GenerationArguments]
     run, training = args.get(RunArguments, RunArguments()), args[TrainingArguments]
     validate_data(data, files_at_hand=files_at_hand)
     validate_chat_template(model)
-    validate_memory(args.get(MemoryArguments, MemoryArguments()), training)
+    memory = args.get(MemoryArguments, MemoryArguments())
+    validate_memory(memory, training)
     _check(lora.lora_r > 0, "lora_r", lora.lora_r, "use a positive rank such as 8, 16 or 64.")
     _check(lora.lora_alpha > 0, "lora_alpha", lora.lora_alpha, "use a positive value, typically 2 x lora_r.")
     _check(0.0 <= lora.lora_dropout < 1.0, "lora_dropout", lora.lora_dropout, "use a value in [0, 1).")
@@ -281,3 +355,6 @@ def validate(*parsed, files_at_hand: bool = True) -> None:
     if training.deepspeed and isinstance(training.deepspeed, str):
         _check(Path(training.deepspeed).is_file(), "deepspeed", training.deepspeed,
                "file not found; point it at the experiment's ds_config_zero2.json.")
+    if memory.sequence_parallel_size != 1:
+        validate_sequence_parallel(memory, model, data, world_size, deepspeed_zero_settings(training),
+                                   training.deepspeed, _architecture(model, experiment_dir))

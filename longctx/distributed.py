@@ -85,3 +85,17 @@ def cpu_process_group_args(argv: list[str]) -> list[str]:
     if "--deepspeed" in argv or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
     return ["--accelerator_config", '{"use_configured_state": true}']
+
+
+def deepspeed_comm_on_cpu() -> None:
+    """Sequence parallelism on a machine without GPUs: DeepSpeed's own communication layer over the gloo group
+    cpu_process_group_args made (DeepSpeed builds its SP groups with it, and asserts it is initialised; on GPUs
+    accelerate initialises it)."""
+    import torch
+
+    if torch.cuda.is_available() or not is_distributed():
+        return
+    import deepspeed.comm
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.comm.init_distributed(dist_backend="gloo")

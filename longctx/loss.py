@@ -6,6 +6,10 @@ label (transformers' `logits_to_keep` with a boolean mask), and cross-entropy is
 divided by the number of label tokens in the whole optimizer step (`num_items_in_batch`, counted by the Trainer
 across gradient accumulation and processes). One large batch and the same tokens split over micro-batches and
 processes then give the same loss and gradients.
+
+Under sequence parallelism (longctx.sequence_parallel) a rank holds a slice of the sequence, and the batch carries
+DeepSpeed's pre-shifted `shift_labels` instead of `labels`: position t of the slice predicts shift_labels[t], so the
+mask is `shift_labels != -100` with no further shift, and only this slice's label positions reach lm_head.
 """
 
 from __future__ import annotations
@@ -27,6 +31,17 @@ def label_targets(labels: torch.Tensor) -> torch.Tensor:
     """The label tokens in the order `hidden_states[prediction_mask]` returns their positions (row-major)."""
     shifted = labels[:, 1:]
     return shifted[shifted != IGNORE_INDEX]
+
+
+def label_positions(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(boolean (batch, seq) mask of the positions whose next token is a label, the label tokens in the order
+    `hidden_states[mask]` returns those positions), from `labels` or, under sequence parallelism, `shift_labels`."""
+    if "shift_labels" in inputs:  # already shifted: position t predicts shift_labels[t]
+        shifted = inputs["shift_labels"]
+        keep = shifted != IGNORE_INDEX
+        return keep, shifted[keep]
+    labels = inputs["labels"]
+    return prediction_mask(labels), label_targets(labels)
 
 
 def right_padded(attention_mask: torch.Tensor) -> bool:
@@ -53,11 +68,9 @@ def summary_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch: tor
     num_items_in_batch: label tokens in the whole optimizer step (all micro-batches, all processes); when None,
     the label tokens of this batch. Returns (loss, number of label tokens in this batch).
     """
-    labels = inputs["labels"]
-    keep = prediction_mask(labels)
+    keep, targets = label_positions(inputs)
     outputs = model(**model_inputs(inputs), logits_to_keep=keep, use_cache=False)
     logits = outputs.logits  # (number of label tokens, vocab)
-    targets = label_targets(labels)
     total = F.cross_entropy(logits.float(), targets, reduction="sum")
     count = targets.numel()
     denominator = count if num_items_in_batch is None else num_items_in_batch

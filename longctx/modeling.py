@@ -1,4 +1,4 @@
-"""Tokenizer + base model (attention backend, dtype) + LoRA + the long-context memory switches (tiled MLP,
+"""Tokenizer + base model (attention backend, dtype, YaRN RoPE scaling) + LoRA + the long-context memory switches (tiled MLP,
 activation offload), applied to the built model and TrainingArguments before the Trainer sees them."""
 
 from __future__ import annotations
@@ -57,12 +57,28 @@ def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
     return tokenizer
 
 
+def apply_rope_yarn(config, factor: float | None) -> None:
+    """YaRN RoPE scaling on a model config (transformers' rope_parameters, rope_type yarn): `factor` over the
+    context the model was trained for, its max_position_embeddings, which becomes factor x that (so transformers'
+    own check of the implied factor agrees). The base frequency (rope_theta) stays the model's."""
+    if factor is None:
+        return
+    native = config.max_position_embeddings
+    theta = (config.rope_parameters or {}).get("rope_theta", getattr(config, "rope_theta", None))
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": theta, "factor": float(factor),
+                              "original_max_position_embeddings": native}
+    config.max_position_embeddings = int(native * factor)
+
+
 def load_base_model(model_args: ModelArguments, training: bool = True):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     attn = resolve_attn_implementation(model_args.attn_implementation)
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    apply_rope_yarn(config, model_args.rope_yarn_factor)
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
+        config=config,
         dtype=resolve_dtype(model_args.torch_dtype),
         attn_implementation=attn,
         trust_remote_code=model_args.trust_remote_code,

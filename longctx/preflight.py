@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         facts, options, parsed, config_path = parse(argv)
-        validate(*parsed, files_at_hand=facts.plan != "only")  # a plan names missing data files itself
+        plan_only = facts.plan == "only"  # a plan names missing data files itself; it sizes for the planned GPUs
+        validate(*parsed, files_at_hand=not plan_only, world_size=None if plan_only else facts.world_size,
+                 experiment_dir=options.experiment_dir)
         if facts.plan == "only":  # PLAN=1: the plan was asked for, not a launch; printed whatever its verdict
             plan = make_run_plan(parsed, config_path, options)
             print(plan.text, file=sys.stderr if plan.exit_status == status.BAD_INPUT else sys.stdout, flush=True)

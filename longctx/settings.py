@@ -36,6 +36,13 @@ class ModelArguments:
         metadata={"help": "auto: flash_attention_2 when flash_attn imports on CUDA, else PyTorch sdpa. "
                           "eager materialises seq x seq scores: never use it at long context."},
     )
+    rope_yarn_factor: float | None = field(
+        default=None,
+        metadata={"help": "Stretch the model's rotary position embedding with YaRN by this factor, in training and "
+                          "evaluation: positions up to factor x its max_position_embeddings (the context it was "
+                          "trained for; original_max_position_embeddings in YaRN's terms). 4.0 takes "
+                          "Qwen3-4B-Instruct-2507 from 262,144 to 1,048,576 tokens. Unset: the model's own RoPE."},
+    )
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto",
         metadata={"help": "Weight dtype. auto: bfloat16 on a GPU that supports it, float32 on CPU."},
@@ -138,6 +145,15 @@ class MemoryArguments:
                           "and bring each back for its layer's recompute (transformers activation_checkpointing_kwargs "
                           "offload -> torch save_on_cpu). Needs activation_checkpointing and that much host RAM per "
                           "process; slower steps."},
+    )
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Split each sample's sequence over this many GPUs (Ulysses sequence parallelism: DeepSpeed "
+                          "ALST through accelerate and the Trainer): each GPU holds max_seq_length / N tokens of "
+                          "activations. Needs DeepSpeed ZeRO 1-3, attention heads and KV heads divisible by N (or "
+                          "N divisible by the KV heads), a world size divisible by N, sdpa or flash_attention_2. "
+                          "An optimizer step then holds per_device_train_batch_size x gradient_accumulation_steps x "
+                          "world size / N samples. 1: off."},
     )
 
 

@@ -9,23 +9,25 @@ the process exits with one documented status (longctx.status) and its one-line r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import traceback
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import enable_full_determinism
 
-from . import checkpoints, status
+from . import checkpoints, sequence_parallel, status
 from .callbacks import END_OF_RUN, ManifestCallback, WatchdogCallback
 from .chat import check_template
 from .checkpoints import FINAL_ADAPTER
 from .collate import PadCollator
 from .config import ConfigError, by_type, parse_config, resolved_config, validate
 from .data import tokenize_split, write_length_report
-from .distributed import (cpu_process_group_args, is_distributed, is_main_process, on_rank_zero, print0, rank,
-                          teardown)
+from .distributed import (cpu_process_group_args, deepspeed_comm_on_cpu, is_distributed, is_main_process,
+                          on_rank_zero, print0, rank, teardown)
 from .modeling import (apply_lora, apply_memory_switches, load_base_model, load_tokenizer, resolve_attn_implementation,
                        resolve_dtype)
 from .offload import has_accelerator
@@ -112,7 +114,8 @@ def train(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv += cpu_process_group_args(argv)
     parsed, config_path, _ = parse_config(argv)
-    validate(*parsed)
+    validate(*parsed, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+             experiment_dir=Path(config_path).parent if config_path else None)
     args = by_type(parsed)
     template = check_template(args[ModelArguments], args[DataArguments])  # before any record is tokenized
     model_args, data_args, lora_args = args[ModelArguments], args[DataArguments], args[LoraArguments]
@@ -134,8 +137,13 @@ def train(argv: list[str] | None = None) -> None:
         training_args.dataloader_pin_memory = False  # nothing to pin for: torch would warn once per dataloader
     attn = resolve_attn_implementation(model_args.attn_implementation)
     dtype = resolve_dtype(model_args.torch_dtype)
+    sp = args[MemoryArguments].sequence_parallel_size
     print0(f"attention: {attn}; weights: {str(dtype).replace('torch.', '')}; processes: "
-           f"{training_args.world_size}; max_seq_length: {data_args.max_seq_length}")
+           f"{training_args.world_size}; max_seq_length: {data_args.max_seq_length}"
+           + (f"; sequence parallel: {sp} processes per sample" if sp > 1 else ""))
+    if sp > 1:
+        training_args.parallelism_config = sequence_parallel.parallelism_config(sp, training_args.world_size, attn)
+        deepspeed_comm_on_cpu()
     config = resolved_config(*parsed)
     if is_main_process():
         write_run_info(output_dir, config, config_path,
@@ -176,7 +184,8 @@ def train(argv: list[str] | None = None) -> None:
         args=training_args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=PadCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
+        data_collator=PadCollator(tokenizer.pad_token_id, **sequence_parallel.collator_padding(
+            sp, data_args.max_seq_length, data_args.pad_to_multiple_of, torch.cuda.is_available())),
         processing_class=tokenizer,
         # in this order: the preemption request decides whether this step is the last, the watchdog reads it
         callbacks=[ManifestCallback(run["git"]["commit"]), preemption,

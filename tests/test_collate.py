@@ -60,3 +60,31 @@ def test_prompts_without_labels():
     assert set(batch) == {"input_ids", "attention_mask"}
     assert batch["input_ids"].tolist() == [[PAD, PAD, 1, 2], [3, 4, 5, 6]]
     assert batch["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+def test_pad_to_length_pads_every_batch_to_one_length():
+    """Sequence parallelism on CPU: gloo's all_gather needs the same shape on every rank, whatever each batch holds."""
+    collate = PadCollator(pad_token_id=PAD, pad_to_length=6)
+    one, both = collate(FEATURES[:1]), collate(FEATURES)
+    assert one["input_ids"].tolist() == [[5, 6, 7, PAD, PAD, PAD]]
+    assert one["labels"].tolist() == [[-100, 6, 7, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert one["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5]]
+    assert both["input_ids"].shape == (2, 6) and both["attention_mask"].sum(dim=1).tolist() == [3, 5]
+
+
+def test_pad_to_length_refuses_a_longer_sample():
+    import pytest
+
+    with pytest.raises(ValueError, match="^a sample of 5 tokens is longer than pad_to_length 4$"):
+        PadCollator(pad_token_id=PAD, pad_to_length=4)(FEATURES)
+
+
+def test_sequence_parallel_padding_per_machine():
+    from longctx.sequence_parallel import collator_padding
+
+    assert collator_padding(1, 1000, None, cuda=False) == {"pad_to_multiple_of": None}  # SP off: as configured
+    assert collator_padding(1, 1000, 8, cuda=True) == {"pad_to_multiple_of": 8}
+    assert collator_padding(4, 1000, None, cuda=True) == {"pad_to_multiple_of": 4}  # NCCL: any multiple of 4
+    assert collator_padding(4, 1000, 8, cuda=True) == {"pad_to_multiple_of": 8}  # validated to be a multiple of 4
+    assert collator_padding(4, 1000, None, cuda=False) == {"pad_to_length": 1000}  # 1000 = 4 x 250
+    assert collator_padding(3, 1000, None, cuda=False) == {"pad_to_length": 1002}  # next multiple of 3: 3 x 334

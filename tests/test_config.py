@@ -11,8 +11,8 @@ from transformers import TrainingArguments
 
 from conftest import REPO_ROOT, subprocess_env, write_jsonl
 from longctx.config import ConfigError, by_type, parse_config, validate
-from longctx.settings import (DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments,
-                              PlanArguments)
+from longctx.settings import (DATACLASSES, DataArguments, GenerationArguments, LoraArguments, MemoryArguments,
+                              ModelArguments, PlanArguments)
 
 CONFIG_000 = REPO_ROOT / "experiments" / "000_tiny_smoke" / "config.yaml"
 CONFIG_009 = REPO_ROOT / "experiments" / "009_text_summary" / "config.yaml"
@@ -161,6 +161,29 @@ def test_009_config_passes_validate_once_its_data_exists(bf16_gpu, tmp_path):
     validate(*parsed)
 
 
+@pytest.mark.parametrize("experiment, gpus, expected", [
+    ("010_text_summary_sp4", 4, (4, None, 262_144, False, False, 32)),
+    ("011_million_tokens", 8, (8, 4.0, 1_048_576, True, False, 32)),
+])
+def test_sequence_parallel_experiments_validate_on_their_gpus(bf16_gpu, tmp_path, experiment, gpus, expected):
+    """009's settings but for these (what each config says it changes), valid for the GPUs they are sized for (heads
+    from the shipped model_architecture.json, ZeRO-2 from their ds_config_zero2.json)."""
+    exp = REPO_ROOT / "experiments" / experiment
+    train = write_jsonl(tmp_path / "train.jsonl", [{"document": "d", "summary": "s"}])
+    val = write_jsonl(tmp_path / "validation.jsonl", [{"document": "d", "summary": "s"}])
+    parsed, _, _ = parse_config(["--config", str(exp / "config.yaml"), "--train_file", str(train),
+                                 "--validation_file", str(val), "--deepspeed", str(exp / "ds_config_zero2.json")])
+    args = by_type(parsed)
+    memory, model, data, training = (args[MemoryArguments], args[ModelArguments], args[DataArguments],
+                                     args[TrainingArguments])
+    assert (memory.sequence_parallel_size, model.rope_yarn_factor, data.max_seq_length, memory.tiled_mlp,
+            memory.offload_activations, training.gradient_accumulation_steps) == expected
+    assert args[PlanArguments].plan_gpus == gpus
+    validate(*parsed, world_size=gpus, experiment_dir=exp)
+    with pytest.raises(ConfigError, match="not a multiple of"):  # one GPU fewer: refused before anything starts
+        validate(*parsed, world_size=gpus - 1, experiment_dir=exp)
+
+
 # --- validate(): errors name the setting and the fix ----------------------------------------------------------------
 
 
@@ -248,6 +271,100 @@ def test_validate_refuses_a_padded_generation_batch_that_would_build_a_seq_by_se
 def test_pad_to_multiple_of_is_no_longer_recommended():
     help_text = next(f for f in dataclasses.fields(DataArguments) if f.name == "pad_to_multiple_of").metadata["help"]
     assert "Leave unset" in help_text and "8 suits" not in help_text
+
+
+# --- sequence_parallel_size: refused before launch, naming the setting, the value and the fix ---------------------
+
+
+@pytest.fixture()
+def sp_args(tmp_path, valid_args):
+    """valid_args with a model of Qwen3-4B's heads (32 query, 8 KV: its config.json values) and ZeRO-2."""
+    import json
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "hidden_size": 2560, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "intermediate_size": 9728, "vocab_size": 151936}))
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    model, data, lora, gen, training = valid_args
+    training.deepspeed = str(ds)
+    return [dataclasses.replace(model, model_name_or_path=str(model_dir)), data, lora, gen, training,
+            MemoryArguments(sequence_parallel_size=4)]
+
+
+def sp_error(args, world_size=8) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(*args, world_size=world_size)
+    return str(info.value)
+
+
+def test_sequence_parallel_accepts_heads_world_and_zero_that_fit(sp_args):
+    validate(*sp_args, world_size=8)  # 32 / 4 query heads, 8 / 4 KV heads per GPU; 2 groups of 4 GPUs
+    validate(*sp_args, world_size=None)  # PLAN=1 on a laptop: the launch size is not known, the planner checks it
+    sp_args[-1] = MemoryArguments(sequence_parallel_size=16)  # 8 KV heads replicated twice: DeepSpeed allows it
+    validate(*sp_args, world_size=16)
+
+
+def test_sequence_parallel_refuses_a_world_size_it_does_not_divide(sp_args):
+    assert sp_error(sp_args, world_size=6) == (
+        "setting 'sequence_parallel_size' = 4: the launch has 6 processes (NUM_PROCESSES x NUM_MACHINES), not a "
+        "multiple of 4; launch a multiple of 4 processes, or set sequence_parallel_size to a divisor of 6.")
+
+
+def test_sequence_parallel_refuses_heads_it_does_not_divide(sp_args):
+    sp_args[-1] = MemoryArguments(sequence_parallel_size=3)
+    # the sizes 32 query and 8 KV heads allow: 2, 4, 8 (both divide), 16, 32 (query heads divide; KV replicated)
+    assert sp_error(sp_args, world_size=6) == (
+        f"setting 'sequence_parallel_size' = 3: {sp_args[0].model_name_or_path} has 32 attention heads and 8 KV "
+        f"heads; each of the 3 GPUs of a sample attends with heads / 3 of them, so both must divide by it (or 3 by "
+        f"the KV heads, which are then replicated): use one of [2, 4, 8, 16, 32].")
+
+
+def test_sequence_parallel_refuses_training_without_deepspeed_or_with_zero_0(sp_args, tmp_path):
+    training = sp_args[4]
+
+    def use_zero(name: str, zero: str) -> str:
+        (tmp_path / name).write_text(f'{{"zero_optimization": {zero}}}')
+        training.deepspeed = str(tmp_path / name)
+        return training.deepspeed
+
+    training.deepspeed = None
+    assert sp_error(sp_args) == (
+        "setting 'sequence_parallel_size' = 4: it needs DeepSpeed (Ulysses sequence parallelism is DeepSpeed's); "
+        "launch with USE_DEEPSPEED=1 (the launcher's default for several processes) or set sequence_parallel_size: 1.")
+    zero0 = use_zero("zero0.json", '{"stage": 0}')
+    assert sp_error(sp_args) == (
+        f"setting 'sequence_parallel_size' = 4: it needs ZeRO stage 1, 2 or 3 and {zero0} sets stage 0 (stage 0 "
+        f"crashes under sequence parallelism, DeepSpeed issue #7833); use the experiment's ds_config_zero2.json.")
+    zero3 = use_zero("zero3.json", '{"stage": 3, "reduce_scatter": false}')
+    assert sp_error(sp_args) == (
+        f"setting 'sequence_parallel_size' = 4: under ZeRO stage 3 it needs reduce_scatter: true (DeepSpeed's "
+        f"default) in {zero3}'s zero_optimization; remove reduce_scatter: false there.")
+    use_zero("zero3.json", '{"stage": 3}')  # reduce_scatter: DeepSpeed's default, true
+    validate(*sp_args, world_size=8)
+
+
+def test_sequence_parallel_refuses_eager_attention_and_padding_it_cannot_cut(sp_args):
+    model, data = sp_args[0], sp_args[1]
+    sp_args[0] = dataclasses.replace(model, attn_implementation="eager")
+    sp_args[1] = dataclasses.replace(data, max_seq_length=4096)  # under eager's own 8192-token limit
+    assert sp_error(sp_args) == (
+        "setting 'attn_implementation' = 'eager': sequence parallelism (sequence_parallel_size 4) works with sdpa or "
+        "flash_attention_2 (eager needs a seq x seq mask the Ulysses attention drops); use auto.")
+    sp_args[0], sp_args[1] = model, dataclasses.replace(data, pad_to_multiple_of=6)
+    assert sp_error(sp_args) == (
+        "setting 'pad_to_multiple_of' = 6: every batch is cut into sequence_parallel_size = 4 equal slices; use a "
+        "multiple of 4, or leave it unset (batches are then padded to a multiple of 4).")
+    sp_args[1] = dataclasses.replace(data, pad_to_multiple_of=8)
+    validate(*sp_args, world_size=8)
+
+
+def test_sequence_parallel_size_zero_is_refused(sp_args):
+    sp_args[-1] = MemoryArguments(sequence_parallel_size=0)
+    assert sp_error(sp_args) == ("setting 'sequence_parallel_size' = 0: use 1 (off) or the number of GPUs that "
+                                 "share one sample.")
 
 
 # --- the real entry point ---------------------------------------------------------------------------------------

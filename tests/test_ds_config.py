@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 from conftest import REPO_ROOT
 from longctx.config import ConfigError, parse_config
 
-EXPERIMENTS = ["000_tiny_smoke", "009_text_summary"]
+EXPERIMENTS = ["000_tiny_smoke", "009_text_summary", "010_text_summary_sp4", "011_million_tokens"]
 AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
 

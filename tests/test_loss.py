@@ -12,7 +12,7 @@ from longctx.collate import PadCollator
 from longctx.settings import DataArguments, LoraArguments
 from longctx.chat import ChatFormat
 from longctx.data import IGNORE_INDEX, encode_record
-from longctx.loss import model_inputs, reference_loss, summary_loss
+from longctx.loss import label_positions, model_inputs, reference_loss, summary_loss
 from longctx.modeling import apply_lora
 
 FILLER = "The court reviewed the written submissions filed by both sides. "
@@ -79,12 +79,18 @@ def test_summary_loss_equals_full_logit_cross_entropy(tiny_model, samples, colla
     assert math.isfinite(loss.item()) and loss.item() > 0
 
 
+def summary_loss_and_grads(model, batch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    """summary_loss of one batch, its label count and the LoRA gradients it gives (then cleared)."""
+    loss, count = summary_loss(model, batch)
+    loss.backward()
+    grads = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), count, grads
+
+
 def test_summary_loss_lora_gradients_equal_reference(lora_model, samples, collate):
     batch = collate(samples[:2])
-    loss, _ = summary_loss(lora_model, batch)
-    loss.backward()
-    ours = lora_grads(lora_model)
-    lora_model.zero_grad(set_to_none=True)
+    loss, _, ours = summary_loss_and_grads(lora_model, batch)
 
     expected_loss = full_reference(lora_model, batch)
     expected_loss.backward()
@@ -205,3 +211,36 @@ def test_left_padding_keeps_its_mask():
     # without position ids (a batch not built by the training collator) the mask stays, whatever the padding
     assert set(model_inputs({"input_ids": ids, "attention_mask": right["attention_mask"]})) == {
         "input_ids", "attention_mask"}
+
+
+def adapter_shift(labels: torch.Tensor) -> torch.Tensor:
+    """What DeepSpeed's UlyssesSPDataLoaderAdapter does to labels (ulysses_sp.py): pad one -100 on the right, drop
+    the first position."""
+    return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def test_shift_labels_mark_the_same_positions_and_targets_as_labels():
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, 6, -100, -100]])
+    # labels: position t predicts token t+1, so row 0 predicts 7 at 1 and 8 at 2; row 1 predicts 5 at 0 and 6 at 1
+    keep, targets = label_positions({"labels": labels})
+    assert keep.tolist() == [[False, True, True, False, False], [True, True, False, False, False]]
+    assert targets.tolist() == [7, 8, 5, 6]
+    shifted = adapter_shift(labels)
+    assert shifted.tolist() == [[-100, 7, 8, -100, -100], [5, 6, -100, -100, -100]]
+    sp_keep, sp_targets = label_positions({"shift_labels": shifted})  # no second shift
+    assert sp_keep.tolist() == keep.tolist() and sp_targets.tolist() == targets.tolist()
+    # the adapter cuts shift_labels along the sequence: rank 1 of 2 holds positions 3-4 of a 6-token row
+    half = label_positions({"shift_labels": torch.tensor([[-100, -100, -100, 4, 9, -100]])[:, 3:]})
+    assert half[0].tolist() == [[True, True, False]] and half[1].tolist() == [4, 9]
+
+
+def test_summary_loss_from_shift_labels_equals_the_loss_from_labels(lora_model, samples, collate):
+    batch = collate(samples[:2])
+    loss, count, expected = summary_loss_and_grads(lora_model, batch)
+    sp_batch = {key: value for key, value in batch.items() if key != "labels"}
+    sp_batch["shift_labels"] = adapter_shift(batch["labels"])
+    sp_loss, sp_count, sp_grads = summary_loss_and_grads(lora_model, sp_batch)
+    assert sp_count == count == label_count(batch)
+    assert sp_loss.item() == pytest.approx(loss.item(), abs=1e-6)
+    for name, grad in sp_grads.items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=0, msg=name)

@@ -19,6 +19,8 @@ from longctx.train import main as train_main
 EXP_000 = REPO_ROOT / "experiments" / "000_tiny_smoke"
 EXP_009 = REPO_ROOT / "experiments" / "009_text_summary"
 CONFIG_009 = str(EXP_009 / "config.yaml")
+CONFIG_010 = str(REPO_ROOT / "experiments" / "010_text_summary_sp4" / "config.yaml")
+CONFIG_011 = str(REPO_ROOT / "experiments" / "011_million_tokens" / "config.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +56,79 @@ def test_009_without_the_switches_does_not_fit_and_names_the_fix(capsys):
     # both switches give 009's configured peak, 56.49 GiB; 164,864 tokens is the hand-computed longest fitting length
     assert "    --tiled_mlp true --offload_activations true  -> 56.49 GiB" in out.splitlines()
     assert "    --max_seq_length 164864  (with the current switches)" in out.splitlines()
+
+
+def test_009_without_the_switches_fits_with_each_sample_over_two_gpus(capsys):
+    assert cli.main(["--config", CONFIG_009, "--tiled_mlp", "false", "--offload_activations", "false"]) == 3
+    # SP 2: 131,072 tokens per GPU, no switches: checkpointed inputs 25,568,477,184 + MLP backward 239,112 x 131,072
+    # = 31,340,888,064 (the peak phase; the attention backward with its 5,368,709,120 all-to-all is 25,758,269,440);
+    # framework 2,410,612,736 + 5% x 56,909,365,248; + weights and LoRA: 70,408,563,302.4 bytes = 65.57 GiB
+    assert ("    --sequence_parallel_size 2  -> 65.57 GiB (each sample over 2 of the 4 GPUs)"
+            in capsys.readouterr().out.splitlines())
+
+
+def test_010_and_011_plans_fit_with_the_hand_computed_peaks(capsys):
+    """The peaks of test_planner_estimate.py (test_010_... and test_011_peak_per_gpu_is_the_sum_of_the_parts)."""
+    assert cli.main(["--config", CONFIG_010]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert ("  65,536 tokens per GPU (each sample split over 4 GPUs: sequence_parallel_size), bf16/fp16 activations, "
+            "LoRA r=16 on 7 module types, DeepSpeed ZeRO-2 over 4 GPU(s), attention: flash_attention_2/sdpa") in out
+    assert f"  {'estimated peak':<46}{'37.75 GiB':>11}" in out
+    assert "  verdict: fits in 80 GiB (47%, 42.25 GiB to spare)." in out
+    assert not any(line.startswith("Host memory") for line in out)  # no offload: nothing pinned
+    # test_a_sequence_parallel_schedule
+    assert ("  1 sample(s) x 32 gradient accumulation x 4 GPU(s) / 4 (sequence_parallel_size: GPUs sharing each "
+            "sample) = 32 samples per optimizer step") in out
+    assert ("  1,000 micro-batches per GPU and epoch (each 1/4 of a sample's tokens) -> 32 optimizer steps per "
+            "epoch; 64 steps in all (2 epochs)") in out
+    assert cli.main(["--config", CONFIG_011]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("Run plan for experiments/011_million_tokens/config.yaml: Qwen/Qwen3-4B-Instruct-2507 on 8 "
+                      "GPU(s) (plan_gpus, the GPUs the experiment is sized for)")
+    assert f"  {'estimated peak':<46}{'60.71 GiB':>11}" in out
+    assert "  verdict: fits in 80 GiB (76%, 19.29 GiB to spare)." in out
+    # rope_yarn_factor 4: 4 x 262,144 = 1,048,576 positions, less max_new_tokens 512
+    assert ("  - evaluation refuses prompts over 1,048,064 tokens (max_position_embeddings 1,048,576 - max_new_tokens "
+            "512); samples up to max_seq_length 1,048,576 may have such prompts") in out
+    assert not any("rotary embedding covers" in line for line in out)
+
+
+def test_011_on_four_gpus_with_offload_pins_a_quarter_of_each_sample(capsys):
+    assert cli.main(["--config", CONFIG_011, "--plan_gpus", "4", "--sequence_parallel_size", "4",
+                     "--offload_activations", "true", "--plan_tokens_per_sample", "1048576"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"  {'estimated peak':<46}{'66.99 GiB':>11}" in out  # 009's 262,144 tokens per GPU + 10 GiB all-to-all
+    # each GPU offloads its 262,144 tokens: 36 inputs of 262,144 x 2,560 x 2 = 1.25 GiB, in 2 GiB pinned blocks
+    assert ("  samples of 1,048,576 tokens: 36 layer inputs of 1.25 GiB, each rounded up to a cached block of "
+            "2.00 GiB") in out
+    assert any(line.startswith("  pinned per process 72.00 GiB") for line in out)
+
+
+def test_one_step_takes_as_long_with_each_sample_over_four_gpus_as_with_one_sample_per_gpu(capsys):
+    """32 samples per step either way, each sample's FLOPs shared by the GPUs that hold it: 8 samples per GPU side
+    by side, or 32 quarter samples one after another."""
+    def step_line(*flags: str) -> str:
+        cli.main(["--config", CONFIG_010, *flags])
+        return next(line for line in capsys.readouterr().out.splitlines() if "one optimizer step" in line)
+
+    # one 200,000-token sample: 5.16e16 FLOPs at 346.15e12 FLOP/s = 149.1 s; a quarter of it x 32 = 1,193 s
+    assert step_line() == "    one sample 37 s on 4 GPUs; one optimizer step 19.9 min; one epoch 10.4 h"
+    alone = step_line("--sequence_parallel_size", "1", "--gradient_accumulation_steps", "8")
+    assert alone == "    one sample 2.5 min; one optimizer step 19.9 min; one epoch 10.4 h"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--plan_gpus", "6"], "error: setting 'sequence_parallel_size' = 4: the launch has 6 processes (NUM_PROCESSES x "
+                           "NUM_MACHINES), not a multiple of 4; launch a multiple of 4 processes, or set "
+                           "sequence_parallel_size to a divisor of 6."),
+    (["--sequence_parallel_size", "3", "--plan_gpus", "3"],
+     "error: setting 'sequence_parallel_size' = 3: Qwen/Qwen3-4B-Instruct-2507 has 32 attention heads and 8 KV heads; "
+     "each of the 3 GPUs of a sample attends with heads / 3 of them, so both must divide by it (or 3 by the KV "
+     "heads, which are then replicated): use one of [2, 4, 8, 16, 32]."),
+])
+def test_the_plan_refuses_sequence_parallelism_its_gpus_or_heads_cannot_run(capsys, flags, message):
+    assert cli.main(["--config", CONFIG_010, *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message
 
 
 PLAN_009_SCHEDULE = [  # the hand computation of test_planner_schedule.test_009_schedule_for_1000_records

@@ -256,3 +256,49 @@ def test_an_unknown_model_or_an_incomplete_config_says_what_to_provide(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in TINY.items() if k != "vocab_size"}))
     with pytest.raises(ArchitectureError, match="model config has no 'vocab_size'"):
         load_architecture(str(tmp_path))
+
+
+# --- sequence parallelism: each GPU holds S / sequence_parallel_size tokens, + Ulysses' all-to-all buffers ---------
+
+
+def test_ulysses_all_to_all_buffers():
+    # q, k, v and the attention output, send + receive: 2 x (4,096 + 2 x 1,024 + 4,096) x tokens per GPU x 2 bytes
+    # 010: 262,144 / 4 = 65,536 tokens per GPU -> 2 x 10,240 x 65,536 x 2 = 2,684,354,560 bytes (2.5 GiB)
+    from longctx.planner.estimate import all_to_all_bytes
+
+    assert all_to_all_bytes(qwen3_4b_step(tokens=65_536, sp_size=4)) == 2_684_354_560
+    assert all_to_all_bytes(qwen3_4b_step(tokens=65_536)) == 0  # no SP: no exchange
+
+
+def test_010_peak_per_gpu_is_the_sum_of_the_parts():
+    # 010: SP 4 on 4 GPUs, 65,536 tokens per GPU, no tiled_mlp, no offload, ZeRO-2 over all 4 GPUs
+    plan = estimate(qwen3_4b_step(tokens=65_536, sp_size=4, tiled_mlp=False, offload=False))
+    # 36 x 65,536 x 2,560 x 2 = 12,079,595,520 + cos / sin 2 x 65,536 x 128 x 2 = 33,554,432 + final norm
+    # 65,536 x 2,560 x 4 = 671,088,640
+    assert plan.part(CHECKPOINTED).bytes == 12_784_238_592  # 11.91 GiB
+    # MLP backward, untiled: (97,192 + 103,008 + 38,912) x 65,536 = 239,112 x 65,536
+    assert plan.part(MLP_PHASE).bytes == 15_670_444_032  # 14.59 GiB: the peak phase
+    # attention backward: (97,192 + 53,248) x 65,536 + d(hidden) 65,536 x 5,120 + all-to-all 2,684,354,560
+    assert plan.part(ATTENTION_PHASE).bytes == 9_859_235_840 + 335_544_320 + 2_684_354_560  # 11.99 GiB
+    assert plan.peak_phase.name == MLP_PHASE
+    # framework: 1 GiB + 0.5 GiB + 800,000,000 + 5% x (12,784,238,592 + 15,670,444,032) = 3,833,346,867.2
+    # peak: 8,044,936,192 + 198,180,864 + 3,833,346,867.2 + 12,784,238,592 + 15,670,444,032 = 40,531,146,547.2
+    assert plan.peak_bytes == pytest.approx(40_531_146_547.2)
+    assert f"{plan.peak_bytes / GIB:.2f}" == "37.75"  # 010's config.yaml and the README
+
+
+def test_011_peak_per_gpu_is_the_sum_of_the_parts():
+    # 011: 1,048,576 tokens, SP 8 on 8 GPUs: 131,072 tokens per GPU, tiled_mlp (8,192-token tiles), no offload
+    plan = estimate(qwen3_4b_step(tokens=131_072, sp_size=8, world_size=8, offload=False))
+    assert plan.part(CHECKPOINTED).bytes == 25_568_477_184  # test_checkpointed_layer_inputs at 131,072 tokens
+    # LoRA: bf16 copy 2 B + 16 B of fp32 state / 8 GPUs = 4 B per parameter: 33,030,144 x 4
+    assert plan.part("LoRA + optimizer").bytes == 132_120_576
+    # attention backward: (97,192 + 5,120 + 53,248) x 131,072 = 20,389,560,320, + d(hidden) 671,088,640, +
+    # all-to-all 2 x 10,240 x 131,072 x 2 = 5,368,709,120
+    assert plan.part(ATTENTION_PHASE).bytes == 26_429_358_080  # 24.61 GiB: the peak phase
+    # MLP backward, tiled: 102,312 x 131,072 + (103,008 + 38,912) x 8,192 + TiledMLP's d(input) 671,088,640
+    assert plan.part(MLP_PHASE).bytes == 13_410_238_464 + 1_162_608_640 + 671_088_640  # 14.20 GiB
+    # framework: 1,610,612,736 + 800,000,000 + 5% x (25,568,477,184 + 26,429,358,080) = 5,010,504,499.2
+    # peak: 8,044,936,192 + 132,120,576 + 5,010,504,499.2 + 25,568,477,184 + 26,429,358,080 = 65,185,396,531.2
+    assert plan.peak_bytes == pytest.approx(65_185_396_531.2)
+    assert f"{plan.peak_bytes / GIB:.2f}" == "60.71"  # 011's config.yaml and the README

@@ -138,3 +138,17 @@ def test_eval_seconds_spread_over_the_gpus():
     seconds = eval_seconds(ARCH, validation, LABELS, LORA, 346.15e12, Batching(1, 8, 4, 2))
     assert seconds == pytest.approx(16 * 13_263_416_684_707_840 / 346.15e12)
     assert math.isclose(seconds / 60, 10.22, abs_tol=0.01)  # 10 min per evaluation, not "about a minute"
+
+
+def test_a_sequence_parallel_schedule():
+    # 010: 1,000 samples, 4 GPUs, sequence_parallel_size 4: each GPU's dataloader gets ceil(1,000 / 4) = 250 batches,
+    # and DeepSpeed's adapter hands each GPU the 4 batches of its group one at a time, a quarter of a sample each:
+    # 250 x 4 = 1,000 micro-batches per GPU and epoch. Accumulation 32: ceil(1,000 / 32) = 32 steps per epoch (31 of
+    # 32 micro-batches, the last of 1,000 - 31 x 32 = 8); 1 x 32 x 4 / 4 = 32 samples per step, as 009's 1 x 8 x 4
+    plan = schedule(1000, Batching(per_device_batch=1, grad_accum=32, gpus=4, epochs=2, sp=4))
+    assert (plan.micro_batches_per_epoch, plan.steps_per_epoch, plan.total_steps) == (1000, 32, 64)
+    assert plan.micro_batches_in_step[30:33] == [32, 8, 32]
+    # the CPU run of tests/test_sequence_parallel.py: 14 samples, 2 processes, SP 2, accumulation 2: 7 batches per
+    # process x 2 = 14 micro-batches, ceil(14 / 2) = 7 steps (the steps that run logs)
+    cpu = schedule(14, Batching(per_device_batch=1, grad_accum=2, gpus=2, epochs=1, sp=2))
+    assert (cpu.micro_batches_per_epoch, cpu.total_steps) == (14, 7)

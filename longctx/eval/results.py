@@ -47,6 +47,8 @@ def eval_settings(model_args: ModelArguments, data: DataArguments, gen: Generati
         "tokenizer_name_or_path": model_args.tokenizer_name_or_path,
         "chat_template": template["chat_template"], "chat_template_sha256": template["chat_template_sha256"],
         "dtype": str(resolve_dtype(model_args.torch_dtype)).replace("torch.", ""),
+        # only when set, so the rows of runs without it keep their fingerprint
+        **({"rope_yarn_factor": model_args.rope_yarn_factor} if model_args.rope_yarn_factor else {}),
         "max_new_tokens": gen.max_new_tokens,
         "generation_batch_size": gen.generation_batch_size,
         "decoding": "greedy",

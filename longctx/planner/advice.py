@@ -59,14 +59,30 @@ def suggestions(s: StepShape, gpu_memory_gib: float, tokens_per_sample: int) -> 
         changed = estimate(s.replace(**change))
         if fits(changed, gpu_memory_gib):
             out.append(f"{flags}  -> {human_bytes(changed.peak_bytes)}")
-    batch = max(1, s.tokens // max(1, tokens_per_sample))
+    wider = next((n for n in _sp_sizes(s) if n > s.sp_size
+                  and fits(estimate(s.replace(tokens=s.tokens * s.sp_size // n, sp_size=n)), gpu_memory_gib)), None)
+    if wider is not None:
+        changed = estimate(s.replace(tokens=s.tokens * s.sp_size // wider, sp_size=wider))
+        out.append(f"--sequence_parallel_size {wider}  -> {human_bytes(changed.peak_bytes)} (each sample over "
+                   f"{wider} of the {s.world_size} GPUs)")
+    batch = max(1, s.tokens * s.sp_size // max(1, tokens_per_sample))
     for label, change in (("with the current switches", {}),
                           ("with --tiled_mlp true --offload_activations true",
                            {**base, "tiled_mlp": True, "offload": True})):
         longest = largest_fitting_tokens(s.replace(**change), gpu_memory_gib)
-        if longest is not None and longest // batch < tokens_per_sample:
-            out.append(f"--max_seq_length {longest // batch // 1024 * 1024}  ({label})")
+        if longest is not None and longest * s.sp_size // batch < tokens_per_sample:
+            out.append(f"--max_seq_length {longest * s.sp_size // batch // 1024 * 1024}  ({label})")
     return out
+
+
+def _sp_sizes(s: StepShape) -> list[int]:
+    """The sequence_parallel_size values this step could use: ones the heads allow that divide the GPUs, under
+    DeepSpeed (Ulysses needs it)."""
+    from ..config import sp_sizes
+
+    if s.zero_stage == 0:
+        return []
+    return [n for n in sp_sizes(s.arch.num_attention_heads, s.arch.num_key_value_heads) if s.world_size % n == 0]
 
 
 def _verdict(memory: MemoryEstimate, gpu_memory_gib: float | None, tokens_per_sample: int) -> list[str]:
@@ -81,8 +97,8 @@ def _verdict(memory: MemoryEstimate, gpu_memory_gib: float | None, tokens_per_sa
     advice = suggestions(s, gpu_memory_gib, tokens_per_sample)
     if advice:
         return lines + ["  would fit with:"] + [f"    {a}" for a in advice]
-    return lines + ["  nothing in this configuration makes it fit one GPU of this size; shard the sequence "
-                    "(Ulysses sequence parallelism) or use a larger GPU."]
+    return lines + ["  nothing in this configuration makes it fit one GPU of this size; split each sample over more "
+                    "GPUs (more GPUs and a larger sequence_parallel_size) or use a larger GPU."]
 
 
 def format_estimate(memory: MemoryEstimate, gpu_memory_gib: float | None, title: str, tokens_per_sample: int) -> str:
@@ -92,9 +108,11 @@ def format_estimate(memory: MemoryEstimate, gpu_memory_gib: float | None, title:
                 + (f" ({s.tile_tokens}-token tiles)" if s.tiled_mlp else "")
                 + f", offload_activations={str(s.offload).lower()}, lora_dropout={s.lora_dropout}")
     zero = f"DeepSpeed ZeRO-{s.zero_stage} over {s.world_size} GPU(s)" if s.zero_stage else "no DeepSpeed"
+    tokens = (f"{s.tokens:,} tokens per GPU (each sample split over {s.sp_size} GPUs: sequence_parallel_size)"
+              if s.sp_size > 1 else f"{s.tokens:,} tokens per micro-batch")
     lines = [title,
              f"  architecture: {s.arch.source}",
-             f"  {s.tokens:,} tokens per micro-batch, {'bf16/fp16' if s.act_bytes == 2 else 'fp32'} activations, "
+             f"  {tokens}, {'bf16/fp16' if s.act_bytes == 2 else 'fp32'} activations, "
              f"LoRA r={s.lora_r} on {len(s.lora_targets)} module types, {zero}, attention: {s.attention}",
              f"  {switches}",
              "  held through the step:"]

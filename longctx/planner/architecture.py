@@ -7,6 +7,7 @@ can plan the cluster run).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -67,6 +68,14 @@ class Architecture:
         per_layer = sum(a * b for a, b in self.linear_shapes().values()) + 2 * self.hidden_size + 2 * self.head_dim
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return embeddings + self.num_hidden_layers * per_layer + self.hidden_size
+
+
+def with_rope_yarn(arch: Architecture, factor: float | None) -> Architecture:
+    """The architecture as the model is loaded with rope_yarn_factor (longctx.modeling.apply_rope_yarn): positions
+    up to factor x max_position_embeddings."""
+    if factor is None or arch.max_position_embeddings is None:
+        return arch
+    return dataclasses.replace(arch, max_position_embeddings=int(arch.max_position_embeddings * factor))
 
 
 def _read(path: str | os.PathLike) -> dict[str, Any]:

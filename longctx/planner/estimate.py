@@ -21,6 +21,14 @@ the tensors a real layer saves in tests/test_planner_estimate.py):
                          gradient cast back to bf16)
   framework              CUDA context and kernels (1 GiB), NCCL (0.5 GiB with several GPUs), ZeRO reduce buckets,
                          and 5% allocator slack on the activations
+Sequence parallelism (sequence_parallel_size N, Ulysses): S is the tokens of one GPU, the sample's tokens / N.
+Every part above is per token, so it shrinks N-fold: the layer inputs, norms and MLP tensors belong to the GPU's
+slice of the sequence; q, k, v, the attention output and the attention backward's buffers belong to the whole
+sequence but 1/N of the heads, the same bytes. On top, the all-to-all exchanges of one layer (q, k, v before the
+attention and its output after it in the forward and the recompute, their gradients in the backward), each with
+its send and receive buffers in flight at once: 2 x (q + 2 kv + q) x S x b, counted in the attention backward
+(Qwen3-4B, N = 4 at 262,144 tokens: 2 x (4,096 + 2,048 + 4,096) x 65,536 x 2 bytes = 2.5 GiB). The logits stay
+whole on one GPU: the summary sits at the end of the sample, in the last GPU's slice.
 The peak is: the held parts + the largest of the transient phases (the loss, one layer's recompute during its MLP
 backward, or during its attention backward), which happen one after another, not together.
 """
@@ -45,7 +53,7 @@ class StepShape:
     """What one training step looks like on one GPU: everything the estimate depends on."""
 
     arch: Architecture
-    tokens: int                              # tokens per micro-batch on one GPU (batch x sequence)
+    tokens: int                              # tokens per micro-batch on one GPU (batch x sequence / sp_size)
     label_tokens: int                        # positions whose logits are computed (the summary; S for full logits)
     act_bytes: int = 2                       # activation element: 2 bf16/fp16, 4 fp32
     weight_bytes: int = 2
@@ -63,6 +71,7 @@ class StepShape:
     reduce_bucket_elements: int = 0          # ZeRO reduce bucket (elements), 0 without DeepSpeed
     optimizer: bool = True                   # Adam moments + master weights (False: a bare forward + backward)
     lora_params_fp32: bool = False           # PEFT keeps adapters in fp32 unless DeepSpeed casts them
+    sp_size: int = 1                         # GPUs sharing one sample (Ulysses sequence parallelism)
 
     def replace(self, **changes) -> StepShape:
         return dataclasses.replace(self, **changes)
@@ -184,6 +193,16 @@ def attention_workspace_bytes(s: StepShape) -> float:
     return S * (grads + q * 4 + expanded)   # + the fp32 dq accumulator
 
 
+def all_to_all_bytes(s: StepShape) -> float:
+    """Ulysses' exchanges of one layer in flight, send and receive buffers: 2 x (q + 2 kv + q) x S x b (module
+    docstring); 0 without sequence parallelism."""
+    if s.sp_size == 1:
+        return 0.0
+    a = s.arch
+    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    return 2.0 * (q + 2 * kv + q) * s.tokens * s.act_bytes
+
+
 def adapter_parameters(arch: Architecture, lora_r: int, targets: tuple[str, ...]) -> int:
     """LoRA weights: r x (in + out) per targeted projection, every layer."""
     shapes = arch.linear_shapes()
@@ -252,9 +271,12 @@ def estimate(s: StepShape) -> MemoryEstimate:
                      f"saved: attention {human_bytes(attention_saved)} + MLP {human_bytes(mlp_saved)}"
                      f"{' (one tile)' if tiled else ''}; MLP gradients and buffers {human_bytes(mlp_transient)}")
     workspace = attention_workspace_bytes(s)
-    attention = Part("one layer's recompute (attention backward)", attention_saved + workspace + incoming_grad,
+    exchange = all_to_all_bytes(s)
+    attention = Part("one layer's recompute (attention backward)",
+                     attention_saved + workspace + incoming_grad + exchange,
                      f"saved attention {human_bytes(attention_saved)} + backward workspace {human_bytes(workspace)} "
-                     f"({s.attention}{', S x S scores' if s.attention == 'eager' else ', O(tokens)'})")
+                     f"({s.attention}{', S x S scores' if s.attention == 'eager' else ', O(tokens)'})"
+                     + (f" + Ulysses all-to-all buffers {human_bytes(exchange)}" if exchange else ""))
     # forward: logits (b) + fp32 copy + fp32 log-softmax; backward: log-softmax + d(log-softmax) + d(logits) in
     # fp32 (+ d(logits) cast back to b); the backward is the larger
     logits_per_row = a.vocab_size * (12 + (b if b < 4 else 0))

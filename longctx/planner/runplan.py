@@ -22,12 +22,13 @@ from typing import Any, Literal
 
 from transformers import TrainingArguments
 
-from ..config import ConfigError, by_type, validate_attention_masks, validate_memory
+from ..config import ConfigError, by_type, validate_attention_masks, validate_memory, validate_sequence_parallel
 from ..records import DataError
+from ..sequence_parallel import padded_length
 from ..settings import (DataArguments, GenerationArguments, LoraArguments, MemoryArguments, ModelArguments,
                         PlanArguments)
 from .advice import fits, format_estimate
-from .architecture import ArchitectureError, load_architecture
+from .architecture import ArchitectureError, load_architecture, with_rope_yarn
 from .corpus import load_corpus
 from .estimate import (GIB, LORA_MODULES, StepShape, adapter_parameters, estimate, human_bytes,
                        lora_parameter_count)
@@ -126,7 +127,7 @@ def step_shape_from_settings(args: dict[type, Any], options: PlannerArguments, c
     memory, gen, training = args[MemoryArguments], args[GenerationArguments], args[TrainingArguments]
     experiment_dir = (Path(options.experiment_dir) if options.experiment_dir
                       else Path(config_path).resolve().parent if config_path else None)
-    arch = load_architecture(model.model_name_or_path, experiment_dir)
+    arch = with_rope_yarn(load_architecture(model.model_name_or_path, experiment_dir), model.rope_yarn_factor)
     ds, ds_path = _deepspeed_config(training.deepspeed, experiment_dir, options.device)
     zero_settings = ds.get("zero_optimization", {})
     zero = int(zero_settings.get("stage", 0))
@@ -143,8 +144,12 @@ def step_shape_from_settings(args: dict[type, Any], options: PlannerArguments, c
     targets = lora_targets(lora)
     batch = training.per_device_train_batch_size
     labels = options.label_tokens if options.label_tokens is not None else gen.max_new_tokens
+    sp = memory.sequence_parallel_size
+    if sp != 1:
+        validate_sequence_parallel(memory, model, data, world, zero_settings if ds_path else None, ds_path, arch)
     shape = StepShape(
-        arch=arch, tokens=batch * data.max_seq_length, label_tokens=batch * labels, act_bytes=act_bytes,
+        arch=arch, tokens=batch * padded_length(data.max_seq_length, sp) // sp, label_tokens=batch * labels,
+        act_bytes=act_bytes, sp_size=sp,
         weight_bytes=weight_bytes, lora_r=lora.lora_r, lora_targets=targets, lora_dropout=lora.lora_dropout,
         checkpointing=bool(training.activation_checkpointing), offload=memory.offload_activations,
         tiled_mlp=memory.tiled_mlp, tile_tokens=memory.tiled_mlp_tile_tokens, attention=attention,
@@ -153,6 +158,7 @@ def step_shape_from_settings(args: dict[type, Any], options: PlannerArguments, c
     )
     where = "per GPU" if options.device == "cuda" else "per process (CPU)"
     title = (f"Memory plan {where}: {data.max_seq_length:,} tokens x {batch} per micro-batch"
+             + (f", split over {sp} GPUs" if sp > 1 else "")
              + (f" (DeepSpeed: {shown_path(ds_path)})" if ds_path and ds_path != "inline" else ""))
     return shape, title
 
@@ -197,7 +203,8 @@ def _make_run_plan(args, config_path, options, record_counts) -> RunPlan:
         input_bytes_per_token = shape.act_bytes * shape.arch.hidden_size  # one layer input
         # the corpus's own lengths when the cache gives them, else the typical sample and the longest allowed
         lengths = set(train.lengths) if train.lengths is not None else {train.typical_tokens, data.max_seq_length}
-        tokens_of = {t * per_row * input_bytes_per_token: t * per_row for t in lengths}
+        sp = shape.sp_size  # a GPU offloads the inputs of its slice of the sequence: bytes of the slice, by sample
+        tokens_of = {padded_length(t, sp) // sp * per_row * input_bytes_per_token: t * per_row for t in lengths}
         processes = options.processes_per_machine or int(os.environ.get("NUM_PROCESSES") or gpus)
         host = host_memory(shape.arch.num_hidden_layers, tokens_of, processes)
         kept_on_gpu = estimate(shape.replace(offload=False)).peak_bytes
@@ -208,6 +215,12 @@ def _make_run_plan(args, config_path, options, record_counts) -> RunPlan:
         status = status if host_fits else EXIT_DOES_NOT_FIT
 
     warned: list[str] = []
+    context = shape.arch.max_position_embeddings
+    if context is not None and data.max_seq_length > context:
+        warned.append(f"max_seq_length {data.max_seq_length:,} is past the {context:,} positions the model's rotary "
+                      f"embedding covers{' (with rope_yarn_factor)' if model.rope_yarn_factor else ''}: positions "
+                      f"beyond are untrained; set rope_yarn_factor (YaRN) to at least "
+                      f"{data.max_seq_length / (context / (model.rope_yarn_factor or 1)):g}")
     if train.records is None:
         lines.append(f"Schedule: not planned: {train.source}; set plan_train_records (and plan_tokens_per_sample).")
     elif train.kept == 0:
@@ -237,7 +250,7 @@ def _schedule_and_evaluation(args, shape: StepShape, options: PlannerArguments, 
         save_steps=training.save_steps, eval_strategy=str(getattr(training.eval_strategy, "value",
                                                                   training.eval_strategy)),
         eval_steps=training.eval_steps, eval_delay=training.eval_delay or 0,
-        per_device_eval_batch=training.per_device_eval_batch_size)
+        per_device_eval_batch=training.per_device_eval_batch_size, sp=shape.sp_size)
     run = schedule(train.kept, batching)
     labels = options.label_tokens if options.label_tokens is not None else gen.max_new_tokens
     deepspeed = shape.zero_stage > 0
@@ -248,12 +261,14 @@ def _schedule_and_evaluation(args, shape: StepShape, options: PlannerArguments, 
         rate = mfu * plan.plan_gpu_peak_tflops * 1e12
         per_sample, copies = sample_seconds(arch, train.sample_tokens(), labels, lora, rate, shape.checkpointing,
                                             shape.tiled_mlp, shape.offload, shape.act_bytes)
-        pace = Pace(per_sample, copies, eval_seconds(arch, validation, labels, lora, rate, batching),
-                    per_sample * batching.per_device_batch)
+        sp = shape.sp_size  # a sample's FLOPs (and its offload copies) are shared by the sp GPUs that hold it
+        pace = Pace(per_sample / sp, copies / sp, eval_seconds(arch, validation, labels, lora, rate, batching),
+                    per_sample / sp * batching.per_device_batch)
         longest = max(train.sample_tokens())
         flops = training_flops(arch, longest, labels, lora, shape.checkpointing, shape.tiled_mlp)
         basis = [f"MFU {mfu:g} of {plan.plan_gpu_peak_tflops:g} TFLOP/s per GPU ({mfu_source}):",
-                 f"a sample of {longest:,} tokens (the longest planned) executes {_flops(flops.executed)} FLOPs = "
+                 f"a sample of {longest:,} tokens (the longest planned) executes {_flops(flops.executed)} FLOPs"
+                 + (f", shared by the {shape.sp_size} GPUs that hold it," if shape.sp_size > 1 else "") + " = "
                  f"forward {_flops(flops.forward)} + recomputed forward {_flops(flops.recompute)} + backward "
                  f"{_flops(flops.backward)} (model FLOPs, without the recomputation: {_flops(flops.model)})"]
     lines = format_schedule(run, batching, train, validation, pace, ckpt, basis, devices)
@@ -278,7 +293,7 @@ def make_evaluation_plan(parsed, prompt_tokens: Sequence[int], gpus: int,
     args = by_type(parsed)
     model, gen = args[ModelArguments], args[GenerationArguments]
     try:
-        arch = load_architecture(model.model_name_or_path, experiment_dir)
+        arch = with_rope_yarn(load_architecture(model.model_name_or_path, experiment_dir), model.rope_yarn_factor)
         longest = max(prompt_tokens)
         check_context_length(arch, longest, gen.max_new_tokens, where)
     except (ConfigError, ArchitectureError) as err:

@@ -3,7 +3,9 @@
 Steps (transformers 5.23: Trainer.set_initial_training_values, TrainerState.compute_steps, DefaultFlowCallback;
 accelerate's BatchSamplerShard with even_batches):
   micro-batches per GPU and epoch  ceil(ceil(kept / per_device_train_batch_size) / GPUs)   (floors with
-                                   dataloader_drop_last)
+                                   dataloader_drop_last); x sequence_parallel_size N: DeepSpeed's adapter hands
+                                   each GPU the N batches of its SP group one at a time, each a 1/N slice of a
+                                   sample, so a step holds batch x accumulation x GPUs / N samples
   optimizer steps per epoch        ceil(micro-batches / gradient_accumulation_steps); the last of an epoch takes
                                    the remaining micro-batches
   steps in all                     max_steps when set, else ceil(num_train_epochs x steps per epoch)
@@ -14,7 +16,8 @@ accelerate's BatchSamplerShard with even_batches):
                                    already; every epoch end (epoch). At a step with both, the evaluation runs first.
 Time: every kept sample's executed FLOPs (longctx.planner.flops) at the planned utilisation, + the offload copies
 (each layer input to the host in the forward and back for its recompute, on the compute stream), spread evenly
-over the GPUs; each evaluation runs a forward of every validation sample, spread over the GPUs.
+over the GPUs (under SP a sample's work is shared by the N GPUs that hold it); each evaluation runs a forward of
+every validation sample, spread over the GPUs (SP is off in evaluation: each GPU takes whole samples).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Batching:
     eval_steps: float | None = None
     eval_delay: float = 0
     per_device_eval_batch: int = 1
+    sp: int = 1                   # sequence_parallel_size: GPUs sharing each sample
 
 
 @dataclass
@@ -76,7 +80,7 @@ def _epoch_ends(steps_per_epoch: int, total_steps: int) -> list[int]:
 def schedule(kept: int, b: Batching) -> Schedule:
     """The optimizer steps, checkpoints and evaluations of a run over `kept` samples (module docstring)."""
     batches = kept // b.per_device_batch if b.drop_last else math.ceil(kept / b.per_device_batch)
-    per_gpu = batches // b.gpus if b.drop_last else math.ceil(batches / b.gpus)
+    per_gpu = (batches // b.gpus if b.drop_last else math.ceil(batches / b.gpus)) * b.sp
     steps_per_epoch = max(math.ceil(per_gpu / b.grad_accum), 1)
     total = b.max_steps if b.max_steps > 0 else math.ceil(b.epochs * steps_per_epoch)
     last_of_epoch = per_gpu - (steps_per_epoch - 1) * b.grad_accum
@@ -178,16 +182,18 @@ def format_schedule(plan: Schedule, b: Batching, train: Corpus, validation: Corp
                     ckpt_bytes: float, time_basis: list[str], devices: str) -> list[str]:
     """The schedule lines of the run plan: samples, steps, checkpoints, evaluations, time. `time_basis`: the lines
     saying what the time rests on; `devices`: "4 GPU(s)" or "1 process(es) (CPU)"."""
-    per_step = b.per_device_batch * b.grad_accum * b.gpus
+    per_step = b.per_device_batch * b.grad_accum * b.gpus // b.sp
+    shared = f" / {b.sp} (sequence_parallel_size: GPUs sharing each sample)" if b.sp > 1 else ""
     lines = [f"Schedule on {devices}:",
              f"  train: {train.source}",
              f"    {train.records:,} records: {train.kept:,} kept, {train.dropped:,} dropped, {train.truncated:,} "
              f"truncated for length; {_tokens_text(train)}",
              f"  validation: {validation.source}",
              f"    {validation.kept:,} samples per evaluation; {_tokens_text(validation)}",
-             f"  {b.per_device_batch} sample(s) x {b.grad_accum} gradient accumulation x {devices} = "
+             f"  {b.per_device_batch} sample(s) x {b.grad_accum} gradient accumulation x {devices}{shared} = "
              f"{per_step} samples per optimizer step",
-             f"  {plan.micro_batches_per_epoch:,} micro-batches per GPU and epoch -> {plan.steps_per_epoch:,} "
+             f"  {plan.micro_batches_per_epoch:,} micro-batches per GPU and epoch"
+             + (f" (each 1/{b.sp} of a sample's tokens)" if b.sp > 1 else "") + f" -> {plan.steps_per_epoch:,} "
              f"optimizer steps per epoch; {plan.total_steps:,} steps in all"
              + (" (max_steps)" if b.max_steps > 0 else f" ({b.epochs:g} epochs)")]
     lines.append(f"  checkpoints ({_when(b.save_strategy, b.save_steps, 'save_steps', plan.save_every)}): "
@@ -205,7 +211,7 @@ def format_schedule(plan: Schedule, b: Batching, train: Corpus, validation: Corp
         evals = len(plan.evaluations) * pace.eval_seconds
         step = b.grad_accum * pace.micro_batch_seconds
         lines += [f"  time (estimate) at {time_basis[0]}", *(f"    {line}" for line in time_basis[1:]),
-                  f"    one sample {human_duration(pace.sample_seconds)}"
+                  f"    one sample {human_duration(pace.sample_seconds)}" + (f" on {b.sp} GPUs" if b.sp > 1 else "")
                   + (f" (offload copies {human_duration(pace.offload_seconds)})" if pace.offload_seconds else "")
                   + f"; one optimizer step {human_duration(step)}; one epoch "
                   f"{human_duration(plan.micro_batches_per_epoch * pace.micro_batch_seconds)}",
