@@ -21,7 +21,7 @@ from longctx import chat
 from longctx.chat import ChatFormat, ChatTemplateError, strip_reasoning
 from longctx.config import ConfigError, parse_config, validate_chat_template
 from longctx.data import IGNORE_INDEX, encode_record, tokenize_split
-from longctx.eval.cli import prediction_counts
+from longctx.eval.scoring import prediction_counts
 from longctx.eval.generation import build_prompts, decode_prediction
 from longctx.metrics import rouge_with_intervals
 from longctx.modeling import load_tokenizer

@@ -1,5 +1,5 @@
-"""longctx.eval.cli: what is scored (complete checkpoints only, already scored ones skipped without verifying them
-again), bad settings exit 2, --follow scores checkpoints as training writes them, --preflight."""
+"""longctx.eval.cli and longctx.eval.scoring: what is scored (complete checkpoints only, already scored ones
+skipped without verifying them again), bad settings exit 2, --follow scores checkpoints as training writes them, --preflight."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import REPO_ROOT
 from eval_support import NAMES, copy_run, inprocess, line_count, predictions_of, rows_of
 from launching import EVAL_000 as EVAL, Started, run
 
-from longctx.eval import cli
+from longctx.eval import cli, scoring
 
 
 def test_incomplete_checkpoints_are_skipped_naming_what_is_missing(trained_run, tmp_path, capsys):
@@ -74,8 +74,8 @@ def test_follow_reports_an_incomplete_checkpoint_once_across_polls(trained_run, 
                     ignore=lambda _d, names: ["manifest.json"] if "manifest.json" in names else [])
     monkeypatch.chdir(REPO_ROOT)
     job = cli.parse_job(["--config", str(out / "run_config.yaml"), "--run_dir", str(out), "--follow"])
-    warn, done = cli.WarnOnce(job.ev.follow), set()
-    polls = [cli.pending_checkpoints(job, done, warn) for _ in range(3)]  # nothing is scored between polls
+    warn, done = scoring.WarnOnce(job.ev.follow), set()
+    polls = [scoring.pending_checkpoints(job, done, warn) for _ in range(3)]  # nothing is scored between polls
     assert [[c.name for c in todo] for todo, _ in polls] == [["checkpoint-2", "checkpoint-4"]] * 3
     assert [final for _, final in polls] == [False] * 3
     printed = capsys.readouterr().out.splitlines()
@@ -194,14 +194,14 @@ def test_follow_warns_when_the_training_run_holds_the_same_gpus(tmp_path, monkey
     (tmp_path / "run_info.json").write_text(json.dumps({"machine": {"host": socket.gethostname(),
                                                                     "gpus": ["0", "1", "2", "3"]}}))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4")
-    assert cli.follow_warning(tmp_path) == (
+    assert scoring.follow_warning(tmp_path) == (
         "warning: --follow would score on GPU(s) 3, which the training run is using: both would slow down and either "
         "may run out of memory; give the evaluation other GPUs (CUDA_VISIBLE_DEVICES) or score after training.")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
-    assert cli.follow_warning(tmp_path) is None
+    assert scoring.follow_warning(tmp_path) is None
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     (tmp_path / "final_adapter").mkdir()
-    assert cli.follow_warning(tmp_path) is None
+    assert scoring.follow_warning(tmp_path) is None
     (tmp_path / "final_adapter").rmdir()
     (tmp_path / "run_info.json").write_text(json.dumps({"machine": {"host": "another-node", "gpus": ["3"]}}))
-    assert cli.follow_warning(tmp_path) is None
+    assert scoring.follow_warning(tmp_path) is None

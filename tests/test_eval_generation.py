@@ -10,7 +10,7 @@ from eval_support import NAMES, SCORE_FLAGS, copy_run, predictions_of, rows_of
 from launching import EVAL_000 as EVAL, run
 
 from longctx.eval import generation
-from longctx.eval.cli import all_setting_names
+from longctx.eval.job import all_setting_names
 from longctx.modeling import load_base_model, load_tokenizer
 
 

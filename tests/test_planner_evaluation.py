@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from longctx.config import ConfigError, parse_config
-from longctx.eval.cli import all_setting_names
+from longctx.eval.job import all_setting_names
 from longctx.planner.architecture import load_architecture
 from longctx.planner.evaluation import (check_context_length, evaluation_memory, evaluation_seconds,
                                         shared_gpus_warning)

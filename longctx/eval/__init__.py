@@ -31,6 +31,8 @@ Modules, one job each:
   results.py     the results store: settings + fingerprint, reading / writing rows (locked, atomic), predictions
   ranks.py       the status every collective carries, so one rank's failure stops all of them at once
   wandb_log.py   ROUGE per checkpoint to W&B against the training step
-  cli.py         settings -> EvalJob, what to score (pending_checkpoints), the loop (score_all), --preflight, main
+  job.py         the evaluation's settings and the checks that need no weights: the command line -> an EvalJob
+  scoring.py     what to score now (pending_checkpoints), the loop over checkpoints (score_all), results rows, report
+  cli.py         main and --preflight
 Checkpoint discovery is longctx.checkpoints'; tables and plots are longctx.report's.
 """

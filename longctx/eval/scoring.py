@@ -1,0 +1,230 @@
+"""The scoring loop: what to score now (complete checkpoints not yet scored with these settings), each checkpoint's
+predictions on every rank, its results row, W&B and the report on rank 0. Every step where the other ranks wait for
+rank 0, or for each other, goes through `ranks`, so a failure anywhere stops every rank."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .. import checkpoints, report
+from ..checkpoints import FINAL_ADAPTER, Checkpoint
+from ..config import ConfigError
+from ..distributed import print0, teardown
+from ..metrics import ROUGE_TYPES, rouge_with_intervals
+from ..planner.evaluation import shared_gpus_warning
+from ..planner.runplan import EXIT_BAD_CONFIG, EXIT_DOES_NOT_FIT, make_evaluation_plan
+from ..rundir import RUN_INFO, visible_gpus
+from . import ranks, results
+from .generation import Evaluator, Prediction
+from .job import EvalJob
+from .wandb_log import WandbLogger
+
+
+class WarnOnce:
+    """Prints each distinct warning once (rank 0): a --follow poll looks at the same incomplete checkpoint every
+    few seconds until its save finishes."""
+
+    def __init__(self, follow: bool):
+        self.suffix = " (looked at again at the next poll)" if follow else ""
+        self.seen: set[str] = set()
+
+    def __call__(self, message: str) -> None:
+        if message not in self.seen:
+            self.seen.add(message)
+            print0(message + self.suffix)
+
+
+def pending_checkpoints(job: EvalJob, done: set[str], warn: WarnOnce) -> tuple[list[Checkpoint], bool]:
+    """(checkpoints to score now, whether final_adapter is among those found). Rank 0 only. `done`: the names this
+    invocation has scored or found scored; those found scored now are added to it.
+
+    Raises ConfigError when, without --follow, the run holds no complete checkpoint at all."""
+    already = results.scored_names(results.read_results(job.results_path, warn), job.fingerprint)
+    if job.single:
+        found = [job.single]
+    else:  # checkpoints already scored (or scored by this invocation) are not verified again
+        found = checkpoints.find_checkpoints(job.run_dir, warn=warn,
+                                             known_complete=done if job.ev.force else already | done)
+    if not found and not job.ev.follow:
+        raise ConfigError(f"setting 'run_dir' = {str(job.run_dir)!r}: holds no complete checkpoint yet; wait "
+                          f"for training to save one, or add --follow to score them as they appear.")
+    todo, skipped = [], []
+    for ckpt in found:
+        if ckpt.name in done:
+            continue
+        if ckpt.name in already and not job.ev.force:
+            skipped.append(ckpt.name)
+            done.add(ckpt.name)
+        else:
+            todo.append(ckpt)
+    if skipped:
+        print0(f"already scored with these settings (eval_fingerprint {job.fingerprint}), skipped: "
+               f"{', '.join(skipped)}; --force scores them again")
+    return todo, any(c.name == FINAL_ADAPTER for c in found)
+
+
+def prediction_counts(predictions: list[Prediction]) -> dict[str, int]:
+    """How many predictions were empty, had a reasoning block removed, or stopped at max_new_tokens."""
+    return {"num_empty": sum(not p.text for p in predictions),
+            "num_think_stripped": sum(p.think_stripped for p in predictions),
+            "num_hit_max_new_tokens": sum(p.hit_max_new_tokens for p in predictions)}
+
+
+def results_row(job: EvalJob, ckpt: Checkpoint, evaluator: Evaluator, predictions: list[Prediction], seconds: float,
+                num_processes: int) -> dict:
+    scores = rouge_with_intervals([p.text for p in predictions], [p.reference for p in evaluator.prompts])
+    return {
+        "checkpoint": ckpt.name, "global_step": ckpt.global_step, **scores,
+        "num_examples": len(evaluator.prompts), "num_dropped_for_length": evaluator.dropped,
+        **prediction_counts(predictions),
+        "num_references_over_max_new_tokens": evaluator.references_over,
+        "reference_tokens_p95": evaluator.reference_tokens_p95,
+        "validation_file": job.data.validation_file, "validation_sha256": job.settings["validation_sha256"],
+        "chat_template": job.settings["chat_template"], "chat_template_sha256": job.settings["chat_template_sha256"],
+        "generation": evaluator.generation, "eval_fingerprint": job.fingerprint,
+        "checkpoint_path": str(ckpt.path.resolve()), "num_processes": num_processes,
+        "seconds": round(seconds, 2), "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def finish_report(job: EvalJob) -> list[dict]:
+    """Summary, plots and best_checkpoint link for the rows of the current settings; prints the table."""
+    every_row = results.read_results(job.results_path, print0)
+    rows = results.select_rows(every_row, job.fingerprint)
+    if not rows:
+        print0("no results with these settings yet")
+        return rows
+    paths = report.write_report(job.run_dir, rows)
+    print0(report.format_table(rows))
+    others = len(every_row) - len(rows)
+    if others:
+        print0(f"({others} row(s) of {job.results_path.name} scored with other settings are not shown)")
+    print0(f"results: {job.results_path}")
+    for name, path in paths.items():
+        print0(f"{name}: {path}")
+    return rows
+
+
+class Scoring:
+    """The scoring loop of one process. Rank 0 alone decides what to score, writes rows and reports; every rank
+    generates its share of each checkpoint's predictions."""
+
+    def __init__(self, job: EvalJob, state):
+        self.job, self.state = job, state
+        self.evaluator = Evaluator(job.model_args, job.data, job.gen, state, plan=self.plan_evaluation)
+        self.warn = WarnOnce(job.ev.follow)
+        self.logger: WandbLogger | None = None
+        self.done: set[str] = set()
+        self.last_new = time.monotonic()
+
+    def next_round(self) -> tuple[list[Checkpoint], bool, int]:
+        """Rank 0: (checkpoints to score now, whether to stop after them, exit status)."""
+        ev = self.job.ev
+        todo, final_found = pending_checkpoints(self.job, self.done, self.warn)
+        stop, status = not ev.follow or final_found, 0
+        if todo:
+            self.last_new = time.monotonic()
+            print0(f"scoring {len(todo)} checkpoint(s) of {self.job.run_dir} on {self.job.data.validation_file} "
+                   f"with {self.state.num_processes} process(es): {', '.join(c.name for c in todo)}")
+        elif ev.follow and ev.follow_timeout_seconds is not None and \
+                time.monotonic() - self.last_new > ev.follow_timeout_seconds:
+            print0(f"--follow: no new checkpoint in {ev.follow_timeout_seconds:g} s and no {FINAL_ADAPTER} in "
+                   f"{self.job.run_dir}; stopping (did training stop early?). Rerun to score what appears later.",
+                   file=sys.stderr)
+            stop, status = True, 1
+        return todo, stop, status
+
+    def plan_evaluation(self, prompt_tokens: list[int]) -> None:
+        """Between the tokenized prompts and the weights: the evaluation plan (longctx.planner), once. A prompt +
+        max_new_tokens past max_position_embeddings is refused (exit 2); on GPUs the plan is printed, with a warning
+        when it does not fit one GPU; on a CPU one line. With --follow, a warning when the training run holds these
+        GPUs."""
+        job = self.job
+        cuda = torch.cuda.is_available()
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 80.0
+        scorings = 1 if job.single else len(checkpoints.checkpoint_dirs(job.run_dir))
+        plan = make_evaluation_plan((job.model_args, job.lora, job.gen), prompt_tokens, self.state.num_processes,
+                                    gpu_memory_gib=gpu_gib, checkpoints=max(scorings, 1),
+                                    where=f" in {job.data.validation_file}")
+        if plan.exit_status == EXIT_BAD_CONFIG:
+            raise ConfigError(plan.text.removeprefix("error: "))
+        if not cuda:
+            print0(f"evaluation plan: CPU, {len(prompt_tokens)} prompts, the longest {max(prompt_tokens):,} tokens "
+                   f"+ max_new_tokens {job.gen.max_new_tokens}, within the model's context (PLAN=1 of training "
+                   f"prints the GPU plan)")
+            return
+        print0(plan.text)
+        if plan.exit_status == EXIT_DOES_NOT_FIT:
+            print0("warning: the evaluation plan above does not fit one GPU; lower generation_batch_size or "
+                   "max_new_tokens, or expect an out-of-memory error", file=sys.stderr)
+        if job.ev.follow:
+            warning = follow_warning(job.run_dir)
+            if warning:
+                print0(warning, file=sys.stderr)
+
+    def record(self, ckpt: Checkpoint, predictions: list[Prediction], seconds: float) -> None:
+        """Rank 0: predictions file, W&B, results row, and the line that says the checkpoint is scored."""
+        row = results_row(self.job, ckpt, self.evaluator, predictions, seconds, self.state.num_processes)
+        results.write_predictions(ckpt, self.evaluator.prompts, predictions, print0)
+        if "wandb" in self.job.ev.report_to:
+            self.logger = self.logger or WandbLogger(self.job.run_dir, self.job.ev.run_name, self.job.fingerprint,
+                                                     self.job.ev.force)
+            self.logger.log(row, self.evaluator.prompts, [p.text for p in predictions])
+        results.save_row(self.job.results_path, row, print0)
+        print0(f"scored {ckpt.name} (step {ckpt.global_step}): "
+               + ", ".join(f"{m} {row[m]:.4f} [{row[m + '_low']:.3f}, {row[m + '_high']:.3f}]" for m in ROUGE_TYPES)
+               + f"; empty {row['num_empty']}/{row['num_examples']}; think stripped {row['num_think_stripped']}; "
+                 f"hit max_new_tokens {row['num_hit_max_new_tokens']}; references over max_new_tokens "
+                 f"{row['num_references_over_max_new_tokens']}; {row['seconds']:.1f} s")
+
+    def run(self) -> int:
+        """Score until nothing is left (with --follow: until final_adapter is scored). Returns the exit status."""
+        while True:
+            todo, stop, status = ranks.from_main(self.state, "looking for checkpoints", self.next_round)
+            for ckpt in todo:
+                start = time.perf_counter()
+                predictions = self.evaluator.predict(ckpt)
+                self.done.add(ckpt.name)
+                seconds = time.perf_counter() - start
+                ranks.from_main(self.state, f"writing the results of {ckpt.name}",
+                                lambda: self.record(ckpt, predictions, seconds))
+            if stop:
+                break
+            time.sleep(self.job.ev.follow_poll_seconds)
+        ranks.from_main(self.state, "writing the report", lambda: finish_report(self.job))
+        return status
+
+
+def follow_warning(run_dir: Path) -> str | None:
+    """--follow alongside a training run that is still going (no final_adapter) on this machine: the warning naming
+    the GPUs both would use (run_info.json records the training's machine and GPUs), or None."""
+    import json
+    import socket
+
+    try:
+        machine = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8")).get("machine", {})
+    except (OSError, ValueError):
+        return None
+    if (run_dir / FINAL_ADAPTER).exists() or not machine:
+        return None
+    return shared_gpus_warning(visible_gpus(), machine.get("gpus", []), machine.get("host") == socket.gethostname())
+
+
+def score_all(job: EvalJob) -> int:
+    """The scoring loop on every process of the launch (one, or accelerate's N). Returns the exit status."""
+    from accelerate import PartialState
+
+    # On a machine without CUDA, cpu=True is what makes accelerate build the gloo process group for N processes.
+    scoring = Scoring(job, PartialState(cpu=not torch.cuda.is_available()))
+    try:
+        status = scoring.run()
+    finally:
+        if scoring.logger:
+            scoring.logger.finish()
+    teardown()
+    return status
