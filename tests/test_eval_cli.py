@@ -1,5 +1,6 @@
 """longctx.eval.cli and longctx.eval.scoring: what is scored (complete checkpoints only, already scored ones
-skipped without verifying them again), bad settings exit 2, --follow scores checkpoints as training writes them, --preflight."""
+skipped without verifying them again), bad settings exit 2, --follow scores checkpoints as training writes them,
+--preflight."""
 
 from __future__ import annotations
 
