@@ -6,7 +6,8 @@ attention no real token ever looks at a later position, so the padding needs no 
 (batch, 1, seq, seq) mask under SDPA (64 GiB at 262,144 tokens), and sequence parallelism needs position_ids in
 every batch. Under sequence parallelism every batch is padded to a multiple of sequence_parallel_size (each rank
 takes an equal slice); on CPU, where gloo's all_gather needs equal shapes on every rank, to one fixed length
-(`pad_to_length`: longctx.sequence_parallel.collator_padding). Prompts for generation are padded on the left and keep their attention mask: there it is needed.
+(`pad_to_length`: longctx.sequence_parallel.collator_padding). Prompts for generation are padded on the left and
+keep their attention mask: there it is needed.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Tokenizer + base model (attention backend, dtype, YaRN RoPE scaling) + LoRA + the long-context memory switches (tiled MLP,
-activation offload), applied to the built model and TrainingArguments before the Trainer sees them."""
+"""Tokenizer + base model (attention backend, dtype, YaRN RoPE scaling) + LoRA + the long-context memory switches
+(tiled MLP, activation offload), applied to the built model and TrainingArguments before the Trainer sees them."""
 
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ def load_tokenizer(model_args: ModelArguments, padding_side: str = "right"):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
     except OSError as err:  # not a local directory, not in the hub cache, and no way to download it
         setting = "tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "model_name_or_path"
+        reason = " ".join(str(err).split()).split(". ")[0]  # transformers' first sentence, on one line
         raise ConfigError(f"setting '{setting}' = {source!r}: its tokenizer cannot be loaded on this machine "
-                          f"({' '.join(str(err).split()).split('. ')[0]}); download the model here (huggingface-cli download "
-                          f"{source}), or point {setting} at a local directory.") from err
+                          f"({reason}); download the model here (huggingface-cli download {source}), or point "
+                          f"{setting} at a local directory.") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model_args.chat_template:  # saved with the adapter (save_pretrained), so the adapter carries its template

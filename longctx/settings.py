@@ -109,6 +109,8 @@ class DataArguments:
 
 @dataclass
 class LoraArguments:
+    """The adapter peft builds (longctx.modeling.apply_lora); saved with it, so evaluation rebuilds the same one."""
+
     _argument_group_name = "LoRA"
 
     lora_r: int = field(default=16, metadata={"help": "LoRA rank. Higher: more capacity and memory."})
@@ -159,6 +161,9 @@ class MemoryArguments:
 
 @dataclass
 class GenerationArguments:
+    """How evaluation generates (longctx.eval). Training checks them at launch and keeps them in run_config.yaml, so
+    a bad value fails before the GPU-day, not at evaluation."""
+
     _argument_group_name = "evaluation (ROUGE: eval_checkpoint.py / eval_all_checkpoints.sh)"
 
     max_new_tokens: int = field(default=512, metadata={"help": "Longest generated summary (evaluation)."})

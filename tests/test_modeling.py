@@ -1,4 +1,5 @@
-"""longctx.modeling: YaRN RoPE scaling applied at load (the rope_yarn_factor setting)."""
+"""longctx.modeling: YaRN RoPE scaling applied at load (the rope_yarn_factor setting); a tokenizer that cannot be
+loaded is a setting error."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import math
 import pytest
 import torch
 
-from longctx.modeling import load_base_model
+from longctx.config import ConfigError
+from longctx.modeling import load_base_model, load_tokenizer
 from longctx.planner.architecture import Architecture, with_rope_yarn
 from longctx.settings import ModelArguments
 
@@ -40,3 +42,17 @@ def test_the_planner_sees_the_stretched_context():
                         head_dim=128, intermediate_size=9728, vocab_size=151936, max_position_embeddings=262_144)
     assert with_rope_yarn(arch, 4.0).max_position_embeddings == 1_048_576
     assert with_rope_yarn(arch, None) is arch
+
+
+def test_a_tokenizer_that_cannot_be_loaded_names_the_setting_and_the_fix(monkeypatch):
+    """A hub id on a machine that is offline (tests: HF_HUB_OFFLINE=1) and has no copy: one line, from
+    transformers' own first sentence, with the two ways out."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError) as caught:
+        load_tokenizer(ModelArguments(model_name_or_path="no-such-org/no-such-model"))
+    message = str(caught.value)
+    assert message.startswith("setting 'model_name_or_path' = 'no-such-org/no-such-model': its tokenizer cannot be "
+                              "loaded on this machine (")
+    assert message.endswith("); download the model here (huggingface-cli download no-such-org/no-such-model), or "
+                            "point model_name_or_path at a local directory.")
+    assert "\n" not in message
