@@ -53,6 +53,21 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
 
 
+def qwen3_config(seq_len: int):
+    """The benchmark model's transformers config (ARCH), with positions for seq_len tokens, SDPA, no KV cache."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**ARCH, max_position_embeddings=max(seq_len, 32768), use_cache=False,
+                       attn_implementation="sdpa")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a measured child process: glibc's mmap threshold fixed at 1 MiB (freed tensors leave the
+    RSS), this checkout importable, no tokenizer threads."""
+    return dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false",
+                **extra)
+
+
 class CountingSaveOnCpu:
     """Stands in for torch.autograd.graph.save_on_cpu inside transformers' checkpoint wrapper: the same hooks,
     unpinned (pinning needs an accelerator), counting the bytes routed to the host."""
@@ -75,7 +90,7 @@ class CountingSaveOnCpu:
 
 def run_child(mode: str, seq_len: int, tile_tokens: int, seed: int) -> dict:
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     from longctx.settings import LoraArguments
     from longctx.loss import summary_loss
@@ -83,9 +98,8 @@ def run_child(mode: str, seq_len: int, tile_tokens: int, seed: int) -> dict:
     from longctx.tiling import enable_tiled_mlp
 
     torch.manual_seed(seed)
-    config = Qwen3Config(**ARCH, max_position_embeddings=max(seq_len, 32768), use_cache=False,
-                         attn_implementation="sdpa")
-    model = apply_lora(Qwen3ForCausalLM(config), LoraArguments(**LORA, lora_target_modules=["all-linear"]))
+    model = apply_lora(Qwen3ForCausalLM(qwen3_config(seq_len)),
+                       LoraArguments(**LORA, lora_target_modules=["all-linear"]))
     model.train()
     offload = mode == "ours+offload"
     if offload:
@@ -164,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rows: dict[tuple[str, int], dict] = {}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
+    env = child_env()
     for seq_len in args.seq_lens:
         for mode in args.modes:
             plan = plan_for(mode, seq_len, args.tile_tokens)
