@@ -1,6 +1,7 @@
-"""experiments/009_text_summary/slurm_train.sbatch: for 2 nodes it runs one launcher per node with the job's machine
-count, each node's MACHINE_RANK and the first node as MASTER_ADDR, asks for the signal ahead of the time limit and
-for requeueing, and requeues the job when the launch stops at a checkpoint (exit 75).
+"""experiments/009_text_summary/slurm_train.sbatch (its values) + scripts/slurm_train.sh (the body every experiment's
+sbatch file hands over to): for 2 nodes it runs one launcher per node with the job's machine count, each node's
+MACHINE_RANK and the first node as MASTER_ADDR, asks for the signal ahead of the time limit and for requeueing, and
+requeues the job when the launch stops at a checkpoint (exit 75).
 
 Stand-ins: srun, scontrol and nvidia-smi cannot run here (no SLURM, no GPU). The srun stand-in runs the task once per
 node with SLURM_NODEID set, as srun does; scontrol prints the nodes of the allocation and records a requeue. The
@@ -100,3 +101,15 @@ def test_a_launch_stopped_at_a_checkpoint_is_requeued(slurm):
     assert record.read_text().splitlines()[-1] == "requeue 4242"
     assert submit(STANDIN_STATUS="1").returncode == 1
     assert record.read_text().splitlines().count("requeue 4242") == 1  # a failure is not requeued
+
+
+@pytest.mark.parametrize("sbatch", sorted(REPO_ROOT.glob("experiments/*/slurm_train.sbatch")),
+                         ids=lambda path: path.parent.name)
+def test_every_sbatch_file_hands_its_own_experiment_to_the_shared_body(sbatch):
+    """The body is tested above through 009's file; each other file must name its own folder (a copied file that
+    still named 009 would train 009) and be submitted under its own name."""
+    lines = sbatch.read_text().splitlines()
+    experiment = f"experiments/{sbatch.parent.name}"
+    assert lines[-1] == f'exec bash scripts/slurm_train.sh {experiment} "$@"'
+    assert f"#SBATCH --job-name={sbatch.parent.name}" in lines
+    assert any(line.startswith("#   sbatch ") and f"{experiment}/slurm_train.sbatch" in line for line in lines[:5])
