@@ -48,3 +48,18 @@ print_knobs() {
     printf '  %-22s %-34s %s\n' "$name" "${value#"$REPO_ROOT"/}" "$meaning"
   done < <(sed -n '/^# knobs:/,/^# end of knobs/p' "$script")
 }
+
+# With -h or --help among the arguments after the first two: the knobs of SCRIPT, then TEXT, and exit 0.
+#   help_if_asked "${BASH_SOURCE[0]}" "how to get the settings' help" "$@"
+help_if_asked() {
+  local script="$1" text="$2" arg
+  shift 2
+  for arg in "$@"; do
+    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+      print_knobs "$script"
+      echo
+      printf '%s\n' "$text"
+      exit 0
+    fi
+  done
+}

@@ -32,15 +32,9 @@ DRY_RUN="${DRY_RUN:-0}"                                   # 1: print the command
 PYTHON="${PYTHON:-python}"                                # the Python of the project's environment
 # end of knobs
 
-for arg in "$@"; do
-  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
-    print_knobs "${BASH_SOURCE[0]}"
-    echo
-    echo "Settings: any setting of the run's config is also a flag (e.g. --max_new_tokens 256), plus --force,"
-    echo "  --follow and the other evaluation options: $PYTHON $EXP_DIR/eval_checkpoint.py --help"
-    exit 0
-  fi
-done
+help_if_asked "${BASH_SOURCE[0]}" \
+"Settings: any setting of the run's config is also a flag (e.g. --max_new_tokens 256), plus --force,
+  --follow and the other evaluation options: $PYTHON $EXP_DIR/eval_checkpoint.py --help" "$@"
 require_int NUM_PROCESSES "$NUM_PROCESSES" 1
 require_int MASTER_PORT "$MASTER_PORT" 1
 [[ -n "$CUDA_VISIBLE_DEVICES" ]] && export CUDA_VISIBLE_DEVICES

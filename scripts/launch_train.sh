@@ -41,17 +41,11 @@ DRY_RUN="${DRY_RUN:-0}"                                   # 1: check, print the 
 PYTHON="${PYTHON:-python}"                                # the Python of the project's environment
 # end of knobs
 
-for arg in "$@"; do
-  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
-    print_knobs "${BASH_SOURCE[0]}"
-    echo
-    echo "Settings: every key of $CONFIG is also a flag after the script, e.g. --learning_rate 5e-5;"
-    echo "  all of them, grouped (model, data, LoRA, memory, run, evaluation, then transformers' TrainingArguments):"
-    echo "  $PYTHON $EXP_DIR/train_cluster.py --help"
-    echo "Exit status: 0 finished, 1 failed, 2 bad input, 3 plan does not fit, 75 stopped for a signal (resumable)."
-    exit 0
-  fi
-done
+help_if_asked "${BASH_SOURCE[0]}" \
+"Settings: every key of $CONFIG is also a flag after the script, e.g. --learning_rate 5e-5;
+  all of them, grouped (model, data, LoRA, memory, run, evaluation, then transformers' TrainingArguments):
+  $PYTHON $EXP_DIR/train_cluster.py --help
+Exit status: 0 finished, 1 failed, 2 bad input, 3 plan does not fit, 75 stopped for a signal (resumable)." "$@"
 
 require_one_of LAUNCHER "$LAUNCHER" accelerate deepspeed
 require_one_of USE_DEEPSPEED "$USE_DEEPSPEED" auto 0 1
