@@ -26,12 +26,14 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from longctx import checkpoints, tiny  # noqa: E402
+from longctx import tiny  # noqa: E402
 from longctx.config import parse_config  # noqa: E402
-from longctx.settings import DataArguments, GenerationArguments, ModelArguments
-from longctx.eval.cli import all_setting_names  # noqa: E402
+from longctx.data.tokenizer import load_tokenizer  # noqa: E402
 from longctx.eval.generation import AdapterSwapper, build_prompts, generate, stop_token_ids  # noqa: E402
-from longctx.modeling import load_base_model, load_tokenizer  # noqa: E402
+from longctx.eval.job import all_setting_names  # noqa: E402
+from longctx.model.loading import load_base_model  # noqa: E402
+from longctx.run import checkpoints  # noqa: E402
+from longctx.settings import DataArguments, GenerationArguments, ModelArguments
 
 
 def settings(config: Path, overrides: list[str]):

@@ -69,10 +69,10 @@ def run_child(args) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    from longctx.model.loading import apply_lora, resolve_attn_implementation
+    from longctx.model.loss import summary_loss
+    from longctx.model.tiling import enable_tiled_mlp
     from longctx.settings import LoraArguments
-    from longctx.loss import summary_loss
-    from longctx.modeling import apply_lora, resolve_attn_implementation
-    from longctx.tiling import enable_tiled_mlp
 
     mode, seq_len = args.modes[0], args.seq_lens[0]
     arch = json.loads(Path(args.architecture).read_text()) if not args.cpu_smoke else SMOKE["arch"]
@@ -155,7 +155,7 @@ def run_child(args) -> dict:
 
 
 def planner_estimate(args, mode: str, seq_len: int) -> dict:
-    from longctx.planner.architecture import Architecture
+    from longctx.model.architecture import Architecture
     from longctx.planner.estimate import StepShape, estimate
 
     arch = SMOKE["arch"] if args.cpu_smoke else json.loads(Path(args.architecture).read_text())

@@ -9,7 +9,7 @@ Model: random-init Qwen3, hidden 256, 4 layers, 4 heads (1 KV head, head_dim 64)
 adapter). The prompt is L random tokens whose last 256 are the summary (labels; -100 elsewhere).
 Modes:
   baseline      the standard HF causal-LM loss: model(..., labels=labels), logits for all L positions
-  ours          the project's loss (longctx.loss.summary_loss): logits only at the 256 label positions
+  ours          the project's loss (longctx.model.loss.summary_loss): logits only at the 256 label positions
   ours+tiled    + tiled_mlp (longctx.tiling, DeepSpeed TiledMLP), tiles of --tile-tokens
   ours+offload  + transformers' activation offload (save_on_cpu around each checkpointed layer). On a CPU the
                 "device" is host memory, so nothing can be saved; pinning needs an accelerator, so the benchmark
@@ -92,10 +92,10 @@ def run_child(mode: str, seq_len: int, tile_tokens: int, seed: int) -> dict:
     import torch
     from transformers import Qwen3ForCausalLM
 
+    from longctx.model.loading import apply_lora
+    from longctx.model.loss import summary_loss
+    from longctx.model.tiling import enable_tiled_mlp
     from longctx.settings import LoraArguments
-    from longctx.loss import summary_loss
-    from longctx.modeling import apply_lora
-    from longctx.tiling import enable_tiled_mlp
 
     torch.manual_seed(seed)
     model = apply_lora(Qwen3ForCausalLM(qwen3_config(seq_len)),
@@ -137,7 +137,7 @@ def run_child(mode: str, seq_len: int, tile_tokens: int, seed: int) -> dict:
 
 
 def plan_for(mode: str, seq_len: int, tile_tokens: int):
-    from longctx.planner.architecture import Architecture
+    from longctx.model.architecture import Architecture
     from longctx.planner.estimate import StepShape, estimate
 
     arch = Architecture.from_config(ARCH, "benchmarks/memory_cpu.py")

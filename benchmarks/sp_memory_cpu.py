@@ -62,7 +62,7 @@ def measure_step() -> None:
     from transformers import TrainerCallback
 
     import longctx.train
-    from longctx.files import write_atomic
+    from longctx.utils.atomic_write import write_atomic
 
     class StepPeak(TrainerCallback):
         def __init__(self):

@@ -1,5 +1,4 @@
-"""config.yaml + command line -> the settings dataclasses (longctx.settings), parsed by HfArgumentParser, and
-their validation.
+"""config.yaml + command line -> one `Settings` (longctx.settings), parsed by HfArgumentParser, and its validation.
 
     python experiments/009_text_summary/train_cluster.py --config experiments/009_text_summary/config.yaml --help
 
@@ -27,12 +26,16 @@ from unittest import mock
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .settings import (DATACLASSES, DATA_SUFFIXES, DataArguments, GenerationArguments, LoraArguments, MemoryArguments,
-                       ModelArguments, RunArguments)
-
-
-class ConfigError(ValueError):
-    """A setting is wrong. The message names the setting, the value and the fix."""
+from .errors import ConfigError
+from .settings import (
+    DATA_SUFFIXES,
+    DATACLASSES,
+    DataArguments,
+    GenerationArguments,
+    MemoryArguments,
+    ModelArguments,
+    Settings,
+)
 
 
 class SettingsParser(HfArgumentParser):
@@ -114,6 +117,15 @@ def parse_config(argv: list[str] | None = None, dataclass_types=DATACLASSES, tol
     return tuple(p for p in parsed if not isinstance(p, argparse.Namespace)), known.config, extra
 
 
+def parse_settings(argv: list[str] | None = None, extra_groups: tuple = (),
+                   check_this_machine: bool = True) -> tuple[Settings, tuple]:
+    """An experiment's settings (config.yaml + flags, as parse_config) as one Settings, and the instances of
+    `extra_groups` (options of one command, e.g. the planner's MachineArguments) parsed from the same flags."""
+    parsed, config_path, _ = parse_config(argv, (*DATACLASSES, *extra_groups), check_this_machine=check_this_machine)
+    count = len(DATACLASSES)
+    return Settings.from_groups(parsed[:count], config_path), parsed[count:]
+
+
 @contextlib.contextmanager
 def _hardware_checks(on: bool):
     """TrainingArguments refuses bf16 where this machine has no bf16 GPU, and sets up this process's device (on a
@@ -190,17 +202,6 @@ def validate_generation(gen: GenerationArguments) -> None:
     _check(gen.generation_batch_size > 0, "generation_batch_size", gen.generation_batch_size, "use 1 or more.")
 
 
-def by_type(parsed) -> dict[type, Any]:
-    """The parsed dataclass instances keyed by their class and its dataclass bases: args[DataArguments].data_field,
-    args[TrainingArguments] (parsed as settings.TrainingSettings)."""
-    out: dict[type, Any] = {}
-    for obj in parsed:
-        for cls in type(obj).__mro__:
-            if dataclasses.is_dataclass(cls):
-                out.setdefault(cls, obj)
-    return out
-
-
 def validate_memory(memory: MemoryArguments, training: TrainingArguments) -> None:
     """The memory switches against the training setup (also used by the memory planner)."""
     _check(memory.tiled_mlp_tile_tokens > 0, "tiled_mlp_tile_tokens", memory.tiled_mlp_tile_tokens,
@@ -239,7 +240,7 @@ def validate_sequence_parallel(memory: MemoryArguments, model: ModelArguments, d
     """sequence_parallel_size against the launch (world_size: processes of the whole job; None: not known here, e.g.
     a plan printed away from the cluster), DeepSpeed (`zero`: the zero_optimization section of the config named
     `deepspeed`, None: DeepSpeed off), the attention, the padding and the model's heads (`architecture`:
-    longctx.planner.architecture.Architecture, None when it cannot be read offline). The planner calls it too."""
+    longctx.model.architecture.Architecture, None when it cannot be read offline). The planner calls it too."""
     sp = memory.sequence_parallel_size
     _check(sp >= 1, "sequence_parallel_size", sp, "use 1 (off) or the number of GPUs that share one sample.")
     if sp == 1:
@@ -271,12 +272,7 @@ def validate_sequence_parallel(memory: MemoryArguments, model: ModelArguments, d
         _check(heads % sp == 0 and (kv % sp == 0 or sp % kv == 0), "sequence_parallel_size", sp,
                f"{model.model_name_or_path} has {heads} attention heads and {kv} KV heads; each of the {sp} GPUs "
                f"of a sample attends with heads / {sp} of them, so both must divide by it (or {sp} by the KV heads, "
-               f"which are then replicated): use one of {sp_sizes(heads, kv)}.")
-
-
-def sp_sizes(heads: int, kv_heads: int) -> list[int]:
-    """Every sequence_parallel_size > 1 that `heads` query heads and `kv_heads` KV heads allow."""
-    return [n for n in range(2, heads + 1) if heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)]
+               f"which are then replicated): use one of {architecture.sp_sizes()}.")
 
 
 # A boolean (batch, 1, seq, seq) mask above this many bytes is refused: at 1 GiB a padded batch of 2 prompts is about
@@ -304,36 +300,24 @@ def validate_attention_masks(model: ModelArguments, data: DataArguments, gen: Ge
            f"(pip install flash-attn --no-build-isolation) and use attn_implementation: auto or flash_attention_2.")
 
 
-def _architecture(model: ModelArguments, experiment_dir):
-    """The model's shape without weights or network, None when it cannot be read here (then DeepSpeed checks the
-    heads when the model is prepared)."""
-    from .planner.architecture import ArchitectureError, load_architecture
-
-    try:
-        return load_architecture(model.model_name_or_path, experiment_dir)
-    except ArchitectureError:
-        return None
-
-
-def validate(*parsed, files_at_hand: bool = True, world_size: int | None = None,
-             experiment_dir: str | os.PathLike | None = None) -> None:
-    """Every check that can run before weights, data or process groups are touched (dataclasses in any order).
-    world_size: processes of the whole job (None: not known, e.g. PLAN=1 on a laptop); experiment_dir: where the
-    model_architecture.json is when the model's config.json cannot be read offline (sequence parallelism's heads)."""
-    args = by_type(parsed)
-    model, data, lora, gen = args[ModelArguments], args[DataArguments], args[LoraArguments], args[GenerationArguments]
-    run, training = args.get(RunArguments, RunArguments()), args[TrainingArguments]
+def validate(settings: Settings, files_at_hand: bool = True, world_size: int | None = None,
+             architecture=None) -> None:
+    """Every check that can run before weights, data or process groups are touched. world_size: processes of the
+    whole job (None: not known, e.g. PLAN=1 on a laptop); architecture: the model's shape
+    (longctx.model.architecture.readable_architecture; None when it cannot be read offline: then DeepSpeed checks
+    sequence parallelism's heads when the model is prepared)."""
+    model, data, lora, memory = settings.model, settings.data, settings.lora, settings.memory
+    run, generation, training = settings.run, settings.generation, settings.training
     validate_data(data, files_at_hand=files_at_hand)
     validate_chat_template(model)
-    memory = args.get(MemoryArguments, MemoryArguments())
     validate_memory(memory, training)
     _check(lora.lora_r > 0, "lora_r", lora.lora_r, "use a positive rank such as 8, 16 or 64.")
     _check(lora.lora_alpha > 0, "lora_alpha", lora.lora_alpha, "use a positive value, typically 2 x lora_r.")
     _check(0.0 <= lora.lora_dropout < 1.0, "lora_dropout", lora.lora_dropout, "use a value in [0, 1).")
     _check(len(lora.lora_target_modules) > 0, "lora_target_modules", lora.lora_target_modules,
            "name at least one module, e.g. [q_proj, v_proj], or 'all-linear'.")
-    validate_generation(gen)
-    validate_attention_masks(model, data, gen)
+    validate_generation(generation)
+    validate_attention_masks(model, data, generation)
     for name in ("watchdog_timeout_seconds", "step_timeout_seconds"):
         value = getattr(run, name)
         _check(value is None or value > 0, name, value, "use a positive number of seconds, or leave it unset.")
@@ -357,4 +341,4 @@ def validate(*parsed, files_at_hand: bool = True, world_size: int | None = None,
                "file not found; point it at the experiment's ds_config_zero2.json.")
     if memory.sequence_parallel_size != 1:
         validate_sequence_parallel(memory, model, data, world_size, deepspeed_zero_settings(training),
-                                   training.deepspeed, _architecture(model, experiment_dir))
+                                   training.deepspeed, architecture)

@@ -3,16 +3,19 @@ train_cluster.py / eval_checkpoint.py / the planner, and the attributes the code
 
     python experiments/009_text_summary/train_cluster.py --config experiments/009_text_summary/config.yaml --help
 
-Parsing (config.yaml + flags) and validation live in longctx.config; transformers' TrainingArguments is the last
-group of DATACLASSES.
+Parsing (config.yaml + flags) and validation live in longctx.config, which returns one `Settings`: every group a
+named field (settings.data.max_seq_length, settings.training.learning_rate). transformers' TrainingArguments is the
+last group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import TrainingArguments
+
 
 @dataclass
 class ModelArguments:
@@ -109,7 +112,7 @@ class DataArguments:
 
 @dataclass
 class LoraArguments:
-    """The adapter peft builds (longctx.modeling.apply_lora); saved with it, so evaluation rebuilds the same one."""
+    """The adapter peft builds (longctx.model.loading.apply_lora); saved with it, so evaluation rebuilds the same one."""
 
     _argument_group_name = "LoRA"
 
@@ -124,8 +127,8 @@ class LoraArguments:
 
 @dataclass
 class MemoryArguments:
-    """Long-context memory switches (longctx/tiling.py, longctx/offload.py); `python -m longctx.planner --config ...`
-    shows their effect."""
+    """Long-context memory switches (longctx/model/tiling.py, offload.py, sequence_parallel.py);
+    `python -m longctx.planner --config ...` shows their effect."""
 
     _argument_group_name = "memory (long context)"
 
@@ -239,7 +242,32 @@ class TrainingSettings(TrainingArguments):
     _argument_group_name = "transformers TrainingArguments (optimizer, schedule, precision, logging, saving, eval loss)"
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 # The order of --help: the project's settings first, then transformers'.
 DATACLASSES = (ModelArguments, DataArguments, LoraArguments, MemoryArguments, RunArguments, GenerationArguments,
                PlanArguments, TrainingSettings)
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class Settings:
+    """One experiment's settings as every module reads them: a named field per group, in the order of --help
+    (longctx.config.parse_settings makes it from config.yaml + flags)."""
+
+    model: ModelArguments
+    data: DataArguments
+    lora: LoraArguments
+    memory: MemoryArguments
+    run: RunArguments
+    generation: GenerationArguments
+    plan: PlanArguments
+    training: TrainingSettings
+    config_path: str | None = None  # the config.yaml read, None for flags only
+
+    @classmethod
+    def from_groups(cls, groups: tuple, config_path: str | None = None) -> Settings:
+        """From the parsed dataclass instances, in DATACLASSES order."""
+        return cls(*groups, config_path=config_path)
+
+    def groups(self) -> tuple:
+        """The dataclass instances, in DATACLASSES order (what longctx.config.resolved_config flattens)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config_path")

@@ -10,6 +10,7 @@ same settings is a no-op; the directory appears whole or not at all.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import random
 import shutil
@@ -145,6 +146,15 @@ def build(output_dir: str | Path, num_train: int = 160, num_validation: int = 12
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
         return output_dir
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(output_dir.parent / f".{output_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two launches (or test workers) at once: one builds, the other waits
+        if marker.is_file() and json.loads(marker.read_text()) == recipe:
+            return output_dir
+        return _build(output_dir, recipe, num_train, num_validation, vocab_size, hidden_size, num_layers, seed)
+
+
+def _build(output_dir: Path, recipe: dict, num_train: int, num_validation: int, vocab_size: int, hidden_size: int,
+           num_layers: int, seed: int) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=output_dir.parent))
     try:
         train, validation = make_corpus(num_train, num_validation, seed)

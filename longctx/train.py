@@ -1,92 +1,261 @@
-"""main(): settings and data checks -> run directory -> data -> model + LoRA -> Trainer.train -> verified adapter
-save -> clean teardown, the end of the run under the hang watchdog.
+"""Training, as a recipe: setup -> run directory -> data -> model -> trainer -> fit -> finish.
 
-Experiments call `main()` from their train_cluster.py; launchers start one process per GPU. However training ends,
-the process exits with one documented status (longctx.status) and its one-line reason is the last line it prints:
-0 finished, 1 failed, 2 bad setting / data / run directory, 75 stopped for a signal with a checkpoint.
+    bash experiments/009_text_summary/launch_train.sh          # the launcher: one process per GPU
+    python experiments/000_tiny_smoke/train_cluster.py --config experiments/000_tiny_smoke/config.yaml
+
+Experiments call `main()` from their train_cluster.py. However training ends, the process exits with one status of
+longctx.exit_status, and its one-line reason is the last line it prints: 0 finished, 1 failed, 2 bad setting / data /
+run directory, 75 stopped for a signal with a checkpoint. The settings change in one place only, `adapt_settings`,
+before the run is recorded; what the Trainer is given beyond them is derived in `trainer_arguments`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import sys
 import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import enable_full_determinism
 
-from . import checkpoints, sequence_parallel, status
-from .callbacks import END_OF_RUN, ManifestCallback, WatchdogCallback
-from .chat import check_template
-from .checkpoints import FINAL_ADAPTER
-from .collate import PadCollator
-from .config import ConfigError, by_type, parse_config, resolved_config, validate
-from .data import tokenize_split, write_length_report
-from .distributed import (cpu_process_group_args, deepspeed_comm_on_cpu, is_distributed, is_main_process,
-                          on_rank_zero, print0, rank, teardown)
-from .modeling import (apply_lora, apply_memory_switches, load_base_model, load_tokenizer, resolve_attn_implementation,
-                       resolve_dtype)
-from .offload import has_accelerator
-from .planner.corpus import write_length_cache
-from .preemption import Preempted, PreemptionCallback
-from .quiet import silence_unactionable_warnings
-from .records import BAD_RECORDS_REPORT, DataError, check_records, usable_copy
-from .rundir import (SHARED_CHECK, check_output_dir, check_shared_output_dir, git_commit, run_identity, start_afresh,
-                     write_run_info, write_shared_check)
-from .settings import DataArguments, LoraArguments, MemoryArguments, ModelArguments, RunArguments
-from .tracking import finish_wandb_run, start_wandb_run, wants_wandb
-from .trainer import LongContextTrainer, NonFiniteError
-from .watchdog import Watchdog
+from . import exit_status
+from .config import parse_settings, resolved_config, validate
+from .data.chat import check_template
+from .data.collate import PadCollator
+from .data.dataset import tokenize_split, write_length_report
+from .data.length_cache import write_length_cache
+from .data.records import RecordScan, check_records, usable_copy
+from .data.tokenizer import load_tokenizer
+from .errors import ConfigError, DataError, NonFiniteError, Preempted
+from .model import sequence_parallel
+from .model.architecture import readable_architecture
+from .model.loading import (
+    apply_lora,
+    apply_memory_switches,
+    load_base_model,
+    resolve_attn_implementation,
+    resolve_dtype,
+)
+from .model.offload import has_accelerator
+from .run import checkpoints
+from .run.directory import (
+    GitState,
+    check_output_dir,
+    check_shared_output_dir,
+    git_state,
+    run_identity,
+    start_afresh,
+    write_run_info,
+    write_shared_check,
+)
+from .run.layout import BAD_RECORDS_REPORT, FINAL_ADAPTER, FINAL_STATE, SHARED_CHECK, USABLE_DATA_DIR
+from .run.tracking import finish_wandb_run, start_wandb_run, wants_wandb
+from .settings import Settings
+from .training.callbacks import END_OF_RUN, ManifestCallback, WatchdogCallback
+from .training.preemption import PreemptionCallback
+from .training.trainer import LongContextTrainer
+from .training.watchdog import Watchdog
+from .utils.distributed import (
+    cpu_process_group_args,
+    deepspeed_comm_on_cpu,
+    is_distributed,
+    is_main_process,
+    on_rank_zero,
+    print0,
+    rank,
+    teardown,
+)
+from .utils.warning_filters import silence_unactionable_warnings
+
+SPLITS = ("train", "validation")
 
 
-def use_usable_records(scans: dict, data_args, output_dir: str) -> None:
-    """Under on_bad_record: skip, train on copies without the skipped records (OUTPUT_DIR/data_usable/) and list
-    them in OUTPUT_DIR/bad_records.jsonl; rank 0 writes them (inside on_rank_zero). The copies' paths go into
-    run_config.yaml, so evaluation reads them too."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What global rank 0 found and decided about OUTPUT_DIR; every rank receives it (prepare_run_dir)."""
+
+    scans: dict[str, RecordScan]  # every record of each split, read once
+    resume_from: str | None  # the checkpoint this launch continues from
+    identity: dict  # the settings that change the result + the data's sha256 (longctx.run.directory.run_identity)
+    git: GitState
+    data_files: dict[str, str]  # split -> the file to train on (a copy without the unusable records, when skipped)
+    configured_files: dict[str, str]  # split -> the file as configured (the length cache is keyed by it)
+    shared_check: str | None  # the token every rank must read back from OUTPUT_DIR (several processes)
+
+
+# --- setup ------------------------------------------------------------------------------------------------------
+
+def setup(argv: list[str]) -> tuple[Settings, dict[str, str], PreemptionCallback]:
+    """Settings parsed and checked, the chat template split once (before any record is tokenized), the seed set, and
+    from here on SIGTERM / SIGUSR1 mean: stop at the next optimizer step, with a checkpoint."""
+    argv = argv + cpu_process_group_args(argv)  # CPU machines: several processes form one job (recorded setting)
+    settings, _ = parse_settings(argv)
+    experiment_dir = Path(settings.config_path).parent if settings.config_path else None
+    validate(settings, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+             architecture=readable_architecture(settings.model.model_name_or_path, experiment_dir))
+    template = check_template(settings.model, settings.data)
+    preemption = PreemptionCallback(settings.run.save_every_minutes)
+    preemption.install()
+    training = settings.training
+    if training.full_determinism:
+        enable_full_determinism(training.seed)
+    else:
+        set_seed(training.seed)
+    return settings, template, preemption
+
+
+# --- run directory ----------------------------------------------------------------------------------------------
+
+def prepare_run_dir(settings: Settings, template: dict[str, str]) -> RunRecord:
+    """One process for the whole job (global rank 0): read every record of the data files, decide what to do with
+    OUTPUT_DIR (resume the same run, start afresh, or refuse), write the usable copies. Every rank receives the
+    verdict, or the same ConfigError / DataError."""
+
+    def on_rank_0() -> RunRecord:
+        data, run, training = settings.data, settings.run, settings.training
+        out = Path(training.output_dir)
+        configured = {"train": data.train_file, "validation": data.validation_file}
+        scans = {split: check_records(configured[split], data) for split in SPLITS}
+        identity = run_identity(resolved_config(*settings.groups()), training.world_size, template)
+        resume_from = check_output_dir(run, str(out), identity, training.max_steps)
+        if run.overwrite and out.is_dir():
+            removed = start_afresh(out)
+            if removed:
+                print0(f"overwrite: removed {len(removed)} entries of the earlier run from {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from:
+            print0(f"resuming from {resume_from} (step {checkpoints.global_step_of(Path(resume_from))}): the same "
+                   f"data and settings as the run's first launch; OVERWRITE=1 starts afresh")
+        return RunRecord(scans, resume_from, identity, git_state(), usable_files(scans, configured, out), configured,
+                         write_shared_check(str(out)) if is_distributed() else None)
+
+    run = on_rank_zero(on_rank_0)
+    if run.shared_check:
+        check_shared_output_dir(settings.training.output_dir, run.shared_check)  # every rank reads the token back
+    return run
+
+
+def usable_files(scans: dict[str, RecordScan], configured: dict[str, str], out: Path) -> dict[str, str]:
+    """The file of each split to train on: the configured one, or under on_bad_record: skip a copy without the
+    skipped records (OUTPUT_DIR/data_usable/), which are listed in OUTPUT_DIR/bad_records.jsonl. Rank 0 only."""
     problems = [p for scan in scans.values() for p in scan.problems]
     if not problems:
-        return
-    usable_dir = Path(output_dir) / "data_usable"
-    if is_main_process():
-        usable_dir.mkdir(parents=True, exist_ok=True)
-        with (Path(output_dir) / BAD_RECORDS_REPORT).open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(p) + "\n" for p in problems)
-    for split, attr in (("train", "train_file"), ("validation", "validation_file")):
-        if scans[split].problems:
-            copy = usable_copy(scans[split], usable_dir) if is_main_process() else usable_dir / scans[split].path.name
-            setattr(data_args, attr, str(copy))
+        return dict(configured)
+    with (out / BAD_RECORDS_REPORT).open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p) + "\n" for p in problems)
     print0("bad records skipped (on_bad_record: skip): " + ", ".join(
-        f"{split} {len(scan.problems)}" for split, scan in scans.items()) +
-        f"; listed in {Path(output_dir) / BAD_RECORDS_REPORT}")
+        f"{split} {len(scan.problems)}" for split, scan in scans.items()) + f"; listed in {out / BAD_RECORDS_REPORT}")
+    return {split: str(usable_copy(scan, out / USABLE_DATA_DIR)) if scan.problems else configured[split]
+            for split, scan in scans.items()}
 
 
-def prepare_run(parsed, config_path: str | None, template: dict[str, str]) -> dict:
-    """One process for the whole job (global rank 0): read every record of the data files, decide what to do with
-    OUTPUT_DIR (resume the same run, start afresh, or refuse), write the usable copies and the run's record. Every
-    rank receives the verdict, or the same ConfigError / DataError."""
-    args = by_type(parsed)
-    data_args, run_args, training = args[DataArguments], args[RunArguments], args[TrainingArguments]
-    out = Path(training.output_dir)
-    scans = {"train": check_records(data_args.train_file, data_args),
-             "validation": check_records(data_args.validation_file, data_args)}
-    identity = run_identity(resolved_config(*parsed), training.world_size, template)
-    resume_from = check_output_dir(run_args, str(out), identity, training.max_steps)
-    if run_args.overwrite and out.is_dir():
-        removed = start_afresh(out)
-        if removed:
-            print0(f"overwrite: removed {len(removed)} entries of the earlier run from {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    use_usable_records(scans, data_args, str(out))
-    if resume_from:
-        print0(f"resuming from {resume_from} (step {checkpoints.global_step_of(Path(resume_from))}): the same data "
-               f"and settings as the run's first launch; OVERWRITE=1 starts afresh")
-    return {"scans": scans, "resume_from": resume_from, "identity": identity, "git": git_commit(),
-            "train_file": data_args.train_file, "validation_file": data_args.validation_file,
-            "shared_check": write_shared_check(str(out)) if is_distributed() else None}
+def adapt_settings(settings: Settings, run: RunRecord) -> None:
+    """Every change this launch makes to the settings, here, before the run is recorded (run_config.yaml): the data
+    files become the ones to train on (evaluation then reads the same), and an `overwrite` that has been carried out
+    is recorded as done, so a relaunch from run_config.yaml never deletes this run."""
+    settings.data.train_file, settings.data.validation_file = (run.data_files[split] for split in SPLITS)
+    settings.run.overwrite = False
+
+
+def record_run(settings: Settings, run: RunRecord, template: dict[str, str]) -> None:
+    """Rank 0: OUTPUT_DIR/run_config.yaml (every setting's final value), run_info.json (commit, versions, identity),
+    and the run's W&B run, started or continued before any weight loads."""
+    if not is_main_process():
+        return
+    training, output_dir = settings.training, settings.training.output_dir
+    config = resolved_config(*settings.groups())
+    write_run_info(output_dir, config, settings.config_path,
+                   {"git": asdict(run.git), "attn_implementation": resolve_attn_implementation(
+                       settings.model.attn_implementation), "dtype": str(resolve_dtype(settings.model.torch_dtype)),
+                    "resumed_from": run.resume_from, "identity": run.identity, **template})
+    if wants_wandb(training):
+        start_wandb_run(output_dir, training.run_name,
+                        {**config, **template, "git_commit": run.git.commit, "git_dirty": run.git.dirty,
+                         "files_sha256": run.identity["files_sha256"], "world_size": training.world_size})
+    (Path(output_dir) / SHARED_CHECK).unlink(missing_ok=True)
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+def prepare_data(settings: Settings, run: RunRecord):
+    """(tokenizer, train dataset, eval dataset). Global rank 0 tokenizes first and writes the datasets cache; the
+    other ranks, on every machine, read it. Rank 0 writes the length report and the length cache (the next launch's
+    plan reads the corpus's real lengths from it)."""
+    data, training = settings.data, settings.training
+    tokenizer = load_tokenizer(settings.model)
+    limits = {"train": data.max_train_samples, "validation": data.max_eval_samples}
+    with training.main_process_first(local=False, desc="tokenize"):
+        tokenized = {split: tokenize_split(getattr(data, f"{split}_file"), split, tokenizer, data, limits[split])
+                     for split in SPLITS}
+    if is_main_process():
+        counts = {split: min(run.scans[split].count, limits[split] or run.scans[split].count) for split in SPLITS}
+        print0(write_length_report([row for _, report in tokenized.values() for row in report],
+                                   training.output_dir, counts))
+        for split, (dataset, report) in tokenized.items():
+            write_length_cache(training.output_dir, split, run.configured_files[split], settings.model, data,
+                               dataset, report)
+    return tokenizer, tokenized["train"][0], tokenized["validation"][0]
+
+
+# --- model and trainer ------------------------------------------------------------------------------------------
+
+def build_model(settings: Settings):
+    """The base model with its LoRA adapter."""
+    model = apply_lora(load_base_model(settings.model), settings.lora)
+    if is_main_process():
+        model.print_trainable_parameters()
+    return model
+
+
+def trainer_arguments(settings: Settings, model) -> TrainingArguments:
+    """What the Trainer is given: a copy of the training settings with what this machine and launch derive from them
+    (no pinned memory without an accelerator; sequence parallelism's ParallelismConfig; activation offload), and the
+    memory switches applied to the model. The settings themselves stay as recorded."""
+    args = copy.copy(settings.training)
+    if not has_accelerator():
+        args.dataloader_pin_memory = False  # nothing to pin for: torch would warn once per dataloader
+    sp = settings.memory.sequence_parallel_size
+    if sp > 1:
+        attn = resolve_attn_implementation(settings.model.attn_implementation)
+        args.parallelism_config = sequence_parallel.parallelism_config(sp, args.world_size, attn)
+        deepspeed_comm_on_cpu()
+    for line in apply_memory_switches(model, settings.memory, args):
+        print0(line)
+    return args
+
+
+def build_trainer(settings: Settings, run: RunRecord, model, tokenizer, datasets,
+                  preemption: PreemptionCallback, end_watchdog: Watchdog) -> LongContextTrainer:
+    data, sp = settings.data, settings.memory.sequence_parallel_size
+    collator = PadCollator(tokenizer.pad_token_id, **sequence_parallel.collator_padding(
+        sp, data.max_seq_length, data.pad_to_multiple_of, torch.cuda.is_available()))
+    return LongContextTrainer(
+        model=model, args=trainer_arguments(settings, model), train_dataset=datasets[0], eval_dataset=datasets[1],
+        data_collator=collator, processing_class=tokenizer,
+        # in this order: the preemption request decides whether this step is the last, the watchdog reads it
+        callbacks=[ManifestCallback(run.git.commit), preemption,
+                   WatchdogCallback(settings.run.step_timeout_seconds, end_watchdog)],
+    )
+
+
+# --- fit and finish ---------------------------------------------------------------------------------------------
+
+def fit(trainer: LongContextTrainer, run: RunRecord, preemption: PreemptionCallback,
+        end_watchdog: Watchdog) -> Preempted | None:
+    """Trainer.train from the checkpoint the run resumes from; returns the stop a signal asked for, if any."""
+    if preemption.requested is not None:
+        raise Preempted(f"stopped for {preemption.requested.name} before the first optimizer step; relaunch the "
+                        f"same command to start it again")
+    trainer.train(resume_from_checkpoint=run.resume_from)
+    if end_watchdog.armed_for is None:  # no step ran (resumed at the end): guard the rest all the same
+        end_watchdog.arm(END_OF_RUN)
+    return preemption.outcome()
 
 
 def save_final_adapter(trainer: Trainer, tokenizer, output_dir: str, commit: str | None) -> Path:
@@ -101,7 +270,7 @@ def save_final_adapter(trainer: Trainer, tokenizer, output_dir: str, commit: str
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         checkpoints.verify_adapter(tmp, model)
-        (tmp / "final_state.json").write_text(json.dumps({"global_step": trainer.state.global_step}))
+        (tmp / FINAL_STATE).write_text(json.dumps({"global_step": trainer.state.global_step}))
         checkpoints.write_manifest(tmp, trainer.state.global_step, commit)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -110,94 +279,12 @@ def save_final_adapter(trainer: Trainer, tokenizer, output_dir: str, commit: str
     return final
 
 
-def train(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv += cpu_process_group_args(argv)
-    parsed, config_path, _ = parse_config(argv)
-    validate(*parsed, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-             experiment_dir=Path(config_path).parent if config_path else None)
-    args = by_type(parsed)
-    template = check_template(args[ModelArguments], args[DataArguments])  # before any record is tokenized
-    model_args, data_args, lora_args = args[ModelArguments], args[DataArguments], args[LoraArguments]
-    run_args, training_args = args[RunArguments], args[TrainingArguments]
-    output_dir = training_args.output_dir
-    preemption = PreemptionCallback(run_args.save_every_minutes)
-    preemption.install()  # from here on SIGTERM / SIGUSR1 mean: stop at the next optimizer step, with a checkpoint
-
-    configured_files = {"train": data_args.train_file, "validation": data_args.validation_file}
-    run = on_rank_zero(lambda: prepare_run(parsed, config_path, template))
-    data_args.train_file, data_args.validation_file = run["train_file"], run["validation_file"]
-    if run["shared_check"]:
-        check_shared_output_dir(output_dir, run["shared_check"])  # every rank has read the token (all-gather)
-    if training_args.full_determinism:
-        enable_full_determinism(training_args.seed)
-    else:
-        set_seed(training_args.seed)
-    if not has_accelerator():
-        training_args.dataloader_pin_memory = False  # nothing to pin for: torch would warn once per dataloader
-    attn = resolve_attn_implementation(model_args.attn_implementation)
-    dtype = resolve_dtype(model_args.torch_dtype)
-    sp = args[MemoryArguments].sequence_parallel_size
-    print0(f"attention: {attn}; weights: {str(dtype).replace('torch.', '')}; processes: "
-           f"{training_args.world_size}; max_seq_length: {data_args.max_seq_length}"
-           + (f"; sequence parallel: {sp} processes per sample" if sp > 1 else ""))
-    if sp > 1:
-        training_args.parallelism_config = sequence_parallel.parallelism_config(sp, training_args.world_size, attn)
-        deepspeed_comm_on_cpu()
-    config = resolved_config(*parsed)
-    if is_main_process():
-        write_run_info(output_dir, config, config_path,
-                       {"git": run["git"], "attn_implementation": attn, "dtype": str(dtype),
-                        "resumed_from": run["resume_from"], "identity": run["identity"], **template})
-        if wants_wandb(training_args):
-            start_wandb_run(output_dir, training_args.run_name,
-                            {**config, **template, "git_commit": run["git"]["commit"], "git_dirty": run["git"]["dirty"],
-                             "files_sha256": run["identity"]["files_sha256"], "world_size": training_args.world_size})
-        (Path(output_dir) / SHARED_CHECK).unlink(missing_ok=True)
-
-    tokenizer = load_tokenizer(model_args)
-    # Global rank 0 tokenizes first and writes the datasets cache; the other ranks, on every machine, read it.
-    with training_args.main_process_first(local=False, desc="tokenize"):
-        train_ds, train_report = tokenize_split(data_args.train_file, "train", tokenizer, data_args,
-                                                data_args.max_train_samples)
-        eval_ds, eval_report = tokenize_split(data_args.validation_file, "validation", tokenizer, data_args,
-                                              data_args.max_eval_samples)
-    if is_main_process():
-        counts = {split: min(scan.count, limit or scan.count) for (split, scan), limit in
-                  zip(run["scans"].items(), (data_args.max_train_samples, data_args.max_eval_samples))}
-        print0(write_length_report(train_report + eval_report, output_dir, counts))
-        for split, dataset, report in (("train", train_ds, train_report), ("validation", eval_ds, eval_report)):
-            # the plan of the next launch (PLAN=1, the preflight) reads the corpus's real lengths from it
-            write_length_cache(output_dir, split, configured_files[split], model_args, data_args, dataset, report)
-
-    model = apply_lora(load_base_model(model_args), lora_args)
-    for line in apply_memory_switches(model, args[MemoryArguments], training_args):
-        print0(line)
-    if is_main_process():
-        model.print_trainable_parameters()
-    if preemption.requested is not None:
-        raise Preempted(f"stopped for {preemption.requested.name} before the first optimizer step; relaunch the "
-                        f"same command to start it again")
-    end_watchdog = Watchdog(run_args.watchdog_timeout_seconds, "watchdog_timeout_seconds")
-    trainer = LongContextTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=PadCollator(tokenizer.pad_token_id, **sequence_parallel.collator_padding(
-            sp, data_args.max_seq_length, data_args.pad_to_multiple_of, torch.cuda.is_available())),
-        processing_class=tokenizer,
-        # in this order: the preemption request decides whether this step is the last, the watchdog reads it
-        callbacks=[ManifestCallback(run["git"]["commit"]), preemption,
-                   WatchdogCallback(run_args.step_timeout_seconds, end_watchdog)],
-    )
-    trainer.train(resume_from_checkpoint=run["resume_from"])
-
-    if end_watchdog.armed_for is None:  # no step ran (resumed at the end): guard the rest all the same
-        end_watchdog.arm(END_OF_RUN)
-    stopped = preemption.outcome()
+def finish(trainer: LongContextTrainer, tokenizer, settings: Settings, run: RunRecord, stopped: Preempted | None,
+           end_watchdog: Watchdog) -> None:
+    """The verified final adapter (unless a signal stopped the run: then its checkpoint is the result), W&B closed,
+    every rank leaving together; all under the end-of-run watchdog, disarmed last."""
     if stopped is None:
-        save_final_adapter(trainer, tokenizer, output_dir, run["git"]["commit"])
+        save_final_adapter(trainer, tokenizer, settings.training.output_dir, run.git.commit)
     finish_wandb_run(preempted=stopped is not None)
     teardown()
     end_watchdog.disarm()
@@ -206,25 +293,45 @@ def train(argv: list[str] | None = None) -> None:
     print0("training finished")
 
 
+# --- the recipe -------------------------------------------------------------------------------------------------
+
+def train(argv: list[str] | None = None) -> None:
+    settings, template, preemption = setup(list(sys.argv[1:] if argv is None else argv))
+    run = prepare_run_dir(settings, template)
+    adapt_settings(settings, run)
+    print0(f"attention: {resolve_attn_implementation(settings.model.attn_implementation)}; weights: "
+           f"{str(resolve_dtype(settings.model.torch_dtype)).replace('torch.', '')}; processes: "
+           f"{settings.training.world_size}; max_seq_length: {settings.data.max_seq_length}"
+           + (f"; sequence parallel: {sp} processes per sample" if (sp := settings.memory.sequence_parallel_size) > 1
+              else ""))
+    record_run(settings, run, template)
+    tokenizer, *datasets = prepare_data(settings, run)
+    model = build_model(settings)
+    end_watchdog = Watchdog(settings.run.watchdog_timeout_seconds, "watchdog_timeout_seconds")
+    trainer = build_trainer(settings, run, model, tokenizer, datasets, preemption, end_watchdog)
+    stopped = fit(trainer, run, preemption, end_watchdog)
+    finish(trainer, tokenizer, settings, run, stopped, end_watchdog)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """train(), and every way it ends as an exit status with its reason as the last line (longctx.status)."""
+    """train(), and every way it ends as an exit status with its reason as the last line (longctx.exit_status)."""
     silence_unactionable_warnings()
     try:
         train(argv)
     except (ConfigError, DataError) as err:  # every rank raises it alike: one line, from rank 0
-        _exit(status.BAD_INPUT, f"error: {err}", every_rank=False)
+        _exit(exit_status.BAD_INPUT, f"error: {err}", every_rank=False)
     except Preempted as stop:
-        _exit(status.PREEMPTED, f"preempted: {stop}", every_rank=False)
+        _exit(exit_status.PREEMPTED, f"preempted: {stop}", every_rank=False)
     except NonFiniteError as err:
-        _exit(status.FAILED, f"error: {err}", every_rank=False)
+        _exit(exit_status.FAILED, f"error: {err}", every_rank=False)
     except Exception as err:  # noqa: BLE001 - anything else: its traceback, then its reason last
         traceback.print_exc()
-        _exit(status.FAILED, f"error: rank {rank()}: {type(err).__name__}: {err}", every_rank=True)
+        _exit(exit_status.FAILED, f"error: rank {rank()}: {type(err).__name__}: {err}", every_rank=True)
 
 
 def _exit(code: int, line: str, every_rank: bool) -> None:
     """Exit with `code`; the reason goes to the launcher (which prints it last, after accelerate's own report), or,
     when not launched by it, is printed here."""
-    if not status.record(code, line) and (every_rank or is_main_process()):
-        print(line, file=sys.stdout if code == status.PREEMPTED else sys.stderr, flush=True)
+    if not exit_status.record(code, line) and (every_rank or is_main_process()):
+        print(line, file=sys.stdout if code == exit_status.PREEMPTED else sys.stderr, flush=True)
     sys.exit(code)

@@ -3,12 +3,7 @@
 #   bash scripts/eval_all_checkpoints.sh experiments/009_text_summary [--any_setting value ...]
 #   bash scripts/eval_all_checkpoints.sh experiments/009_text_summary --follow     # while training runs
 #   bash scripts/eval_all_checkpoints.sh experiments/009_text_summary --force      # score everything again
-# Scores every complete checkpoint of OUTPUT_DIR in step order, then final_adapter, with ROUGE (base model loaded once,
-# adapters swapped). Checkpoints already scored with the same validation data and generation settings are skipped,
-# so rerunning after a crash finishes the rest. One row per checkpoint goes to OUTPUT_DIR/eval_results.jsonl; then
-# OUTPUT_DIR/eval_summary.md, rouge_by_step.png + .csv, loss_curve.png + .csv (the plotted data) and the best_checkpoint
-# link are written.
-# NUM_PROCESSES > 1 splits the validation set over processes (one per GPU; on CPU, tests only).
+# How evaluation works: docs/evaluation.md.
 set -euo pipefail
 
 EXP_DIR="$(cd "${1:?usage: eval_all_checkpoints.sh EXPERIMENT_DIR [--setting value ...]}" && pwd)"
@@ -53,7 +48,7 @@ if [[ -z "$OMP_NUM_THREADS" && "$GPUS_FOUND" -eq 0 && "$NUM_PROCESSES" -gt 1 ]];
 fi
 [[ -n "$OMP_NUM_THREADS" ]] && export OMP_NUM_THREADS
 
-SCRIPT=("$EXP_DIR/eval_checkpoint.py" --config "$CONFIG" --run_dir "$OUTPUT_DIR" --all_checkpoints)
+SCRIPT=("$EXP_DIR/eval_checkpoint.py" --config "$CONFIG" --output_dir "$OUTPUT_DIR" --all_checkpoints)
 if [[ "$NUM_PROCESSES" -gt 1 ]]; then
   # --multi_gpu is what starts N processes; on a CPU-only machine they join a gloo group (--cpu would start one).
   LAUNCH=(accelerate launch --quiet --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1
@@ -66,10 +61,10 @@ echo "+ ${LAUNCH[*]} ${SCRIPT[*]} $*"
 [[ "$DRY_RUN" == "1" ]] && exit 0
 if [[ "$NUM_PROCESSES" -gt 1 ]]; then
   # One cheap process first: bad settings exit 2 here (the launcher would turn it into 1), and when every
-  # checkpoint is already scored (exit 3, report refreshed) no process group and no model is started at all.
+  # checkpoint is already scored (exit 4, report refreshed) no process group and no model is started at all.
   status=0
   "$PYTHON" "${SCRIPT[@]}" "$@" --preflight || status=$?
-  [[ "$status" -eq 3 ]] && exit 0
+  [[ "$status" -eq 4 ]] && exit 0  # NOTHING_TO_SCORE (longctx.exit_status)
   [[ "$status" -ne 0 ]] && exit "$status"
 fi
 exec "${LAUNCH[@]}" "${SCRIPT[@]}" "$@"

@@ -70,6 +70,7 @@ fi
 cd "$REPO_ROOT"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 SETTINGS=(--config "$CONFIG" --output_dir "$OUTPUT_DIR" --resume "$RESUME")
+[[ "$OVERWRITE" == "1" ]] && SETTINGS+=(--overwrite true)  # the setting: the preflight and training act on it
 [[ "$USE_DEEPSPEED" == "1" ]] && SETTINGS+=(--deepspeed "$DS_CONFIG")
 SETTINGS+=("$@")
 
@@ -132,7 +133,7 @@ else
 fi
 
 if [[ "$PLAN" == "check" ]]; then CHECK=(--plan check); else CHECK=(--plan off); fi
-[[ "$OVERWRITE" == "1" && "$DRY_RUN" != "1" ]] && CHECK+=(--overwrite true)
+[[ "$DRY_RUN" == "1" ]] && CHECK+=(--dry_run true)  # check only: OVERWRITE=1 removes nothing
 status=0
 preflight "${CHECK[@]}" || status=$?
 if [[ "$status" -eq 3 && "$PLAN_OVERRIDE" == "1" ]]; then
@@ -167,7 +168,7 @@ while kill -0 "$child" 2>/dev/null; do  # a signal interrupted `wait`: keep wait
   wait "$child" || launch_status=$?
 done
 status=0
-"$PYTHON" -m longctx.status "$LONGCTX_STATUS_DIR" "$launch_status" || status=$?  # the reason, as the last line
+"$PYTHON" -m longctx.exit_status "$LONGCTX_STATUS_DIR" "$launch_status" || status=$?  # the reason, as the last line
 if [[ "$WANDB_MODE" == "offline" && "$OUTPUT_DIR/wandb_run.json" -nt "$LONGCTX_STATUS_DIR" ]]; then
   echo "W&B ran offline; to upload: wandb sync $OUTPUT_DIR/wandb/offline-run-*"
 fi

@@ -9,14 +9,23 @@ import sys
 import pytest
 from transformers import TrainingArguments
 
-from conftest import REPO_ROOT, subprocess_env, write_jsonl
-from longctx.config import ConfigError, by_type, parse_config, validate
-from longctx.settings import (DATACLASSES, DataArguments, GenerationArguments, LoraArguments, MemoryArguments,
-                              ModelArguments, PlanArguments)
-
-CONFIG_000 = REPO_ROOT / "experiments" / "000_tiny_smoke" / "config.yaml"
-CONFIG_009 = REPO_ROOT / "experiments" / "009_text_summary" / "config.yaml"
-TRAIN_009 = REPO_ROOT / "experiments" / "009_text_summary" / "train_cluster.py"
+from longctx.config import parse_config, validate
+from longctx.errors import ConfigError
+from longctx.model.architecture import readable_architecture
+from longctx.settings import (
+    DATACLASSES,
+    DataArguments,
+    GenerationArguments,
+    LoraArguments,
+    MemoryArguments,
+    ModelArguments,
+    PlanArguments,
+    RunArguments,
+    Settings,
+)
+from support.env import subprocess_env, write_jsonl
+from support.paths import CONFIG_000, CONFIG_009, EXPERIMENTS_DIR, REPO_ROOT
+from support.paths import TRAIN_PY_009 as TRAIN_009
 
 
 @pytest.fixture()
@@ -26,6 +35,19 @@ def bf16_gpu(monkeypatch):
     import transformers.training_args
 
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda *a, **k: True)
+
+
+def check(*groups, world_size: int | None = None, experiment_dir=None) -> None:
+    """validate() on the Settings of these groups (any order; memory, run and plan at their defaults when absent),
+    with the model's architecture as the entry points read it (its config.json, or the experiment's copy)."""
+    kinds = {"model": ModelArguments, "data": DataArguments, "lora": LoraArguments, "memory": MemoryArguments,
+             "run": RunArguments, "generation": GenerationArguments, "plan": PlanArguments,
+             "training": TrainingArguments}
+    defaults = {"memory": MemoryArguments(), "run": RunArguments(), "plan": PlanArguments()}
+    settings = Settings(**{name: next((g for g in groups if isinstance(g, cls)), defaults.get(name))
+                           for name, cls in kinds.items()})
+    validate(settings, world_size=world_size,
+             architecture=readable_architecture(settings.model.model_name_or_path, experiment_dir))
 
 
 def parse_009(*flags: str):
@@ -67,7 +89,7 @@ def test_abbreviated_flag_is_not_silently_taken_for_a_setting(tmp_path):
     except ConfigError as err:
         assert "--max_seq_len" in str(err) and "'--max_seq_length'" in str(err)
     else:
-        value = by_type(parsed)[DataArguments].max_seq_length
+        value = Settings.from_groups(parsed).data.max_seq_length
         pytest.fail(f"unknown flag --max_seq_len was accepted as an abbreviation (max_seq_length = {value}); "
                     f"build the parsers with allow_abbrev=False")
 
@@ -78,7 +100,7 @@ def test_tolerated_keys_are_returned_as_extra_not_rejected(tmp_path):
     parsed, path, extra = parse_config(["--config", str(config)], tolerated_keys={"my_eval_only_key"})
     assert extra == {"my_eval_only_key": 3}
     assert path == str(config)
-    assert by_type(parsed)[LoraArguments].lora_r == 8
+    assert Settings.from_groups(parsed).lora.lora_r == 8
 
 
 # --- precedence: code default < config.yaml < flag ----------------------------------------------------------------
@@ -88,9 +110,9 @@ def test_precedence_default_then_yaml_then_flag(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(f"output_dir: {tmp_path / 'out'}\nlora_alpha: 7\nmax_seq_length: 2048\nlearning_rate: 0.5\n")
     parsed, path, extra = parse_config(["--config", str(config), "--max_seq_length", "512", "--learning_rate", "0.25"])
-    args = by_type(parsed)
-    data, lora, gen, training = (args[DataArguments], args[LoraArguments], args[GenerationArguments],
-                                 args[TrainingArguments])
+    args = Settings.from_groups(parsed)
+    data, lora, gen, training = (args.data, args.lora, args.generation,
+                                 args.training)
     # code default: in neither the file nor the flags
     assert lora.lora_r == LoraArguments().lora_r == 16
     assert gen.max_new_tokens == GenerationArguments().max_new_tokens
@@ -106,7 +128,7 @@ def test_precedence_default_then_yaml_then_flag(tmp_path):
 def test_flags_alone_without_config_file(tmp_path):
     parsed, path, extra = parse_config(["--output_dir", str(tmp_path), "--lora_r", "4"])
     assert path is None and extra == {}
-    assert by_type(parsed)[LoraArguments].lora_r == 4
+    assert Settings.from_groups(parsed).lora.lora_r == 4
     assert [type(p) for p in parsed] == list(DATACLASSES)
 
 
@@ -120,9 +142,9 @@ def test_missing_config_file_is_a_config_error(tmp_path):
 
 def test_000_config_parses_to_its_file_values():
     parsed, path, extra = parse_config(["--config", str(CONFIG_000)])
-    args = by_type(parsed)
-    model, data, lora = args[ModelArguments], args[DataArguments], args[LoraArguments]
-    training = args[TrainingArguments]
+    args = Settings.from_groups(parsed)
+    model, data, lora = args.model, args.data, args.lora
+    training = args.training
     assert model.model_name_or_path == ".cache/tiny_smoke/model"
     assert data.max_seq_length == 1024 and data.length_policy == "drop"
     assert (lora.lora_r, lora.lora_alpha, lora.lora_dropout) == (64, 64, 0.0)
@@ -132,8 +154,8 @@ def test_000_config_parses_to_its_file_values():
 
 def test_009_config_parses_to_the_reference_values(bf16_gpu):
     parsed, path, extra = parse_009()
-    args = by_type(parsed)
-    model, data, training = args[ModelArguments], args[DataArguments], args[TrainingArguments]
+    args = Settings.from_groups(parsed)
+    model, data, training = args.model, args.data, args.training
     assert model.model_name_or_path == "Qwen/Qwen3-4B-Instruct-2507"
     assert data.max_seq_length == 262144 and type(data.max_seq_length) is int
     assert training.per_device_train_batch_size == 1
@@ -143,7 +165,7 @@ def test_009_config_parses_to_the_reference_values(bf16_gpu):
     assert training.bf16 is True
     # a tenth of the run each (a ratio below 1): 10 checkpoints and evaluations whatever the corpus size
     assert training.eval_steps == 0.1 and training.save_steps == 0.1
-    plan = args[PlanArguments]  # read by the planner only
+    plan = args.plan  # read by the planner only
     assert (plan.plan_gpus, plan.plan_train_records, plan.plan_tokens_per_sample) == (4, 1000, 200000)
     assert training.load_best_model_at_end is False
     assert training.dataloader_num_workers == 4
@@ -158,7 +180,7 @@ def test_009_config_passes_validate_once_its_data_exists(bf16_gpu, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"document": "d", "summary": "s"}])
     val = write_jsonl(tmp_path / "validation.jsonl", [{"document": "d", "summary": "s"}])
     parsed, _, _ = parse_009("--train_file", str(train), "--validation_file", str(val))
-    validate(*parsed)
+    check(*parsed)
 
 
 @pytest.mark.parametrize("experiment, gpus, expected", [
@@ -168,20 +190,20 @@ def test_009_config_passes_validate_once_its_data_exists(bf16_gpu, tmp_path):
 def test_sequence_parallel_experiments_validate_on_their_gpus(bf16_gpu, tmp_path, experiment, gpus, expected):
     """009's settings but for these (what each config says it changes), valid for the GPUs they are sized for (heads
     from the shipped model_architecture.json, ZeRO-2 from their ds_config_zero2.json)."""
-    exp = REPO_ROOT / "experiments" / experiment
+    exp = EXPERIMENTS_DIR / experiment
     train = write_jsonl(tmp_path / "train.jsonl", [{"document": "d", "summary": "s"}])
     val = write_jsonl(tmp_path / "validation.jsonl", [{"document": "d", "summary": "s"}])
     parsed, _, _ = parse_config(["--config", str(exp / "config.yaml"), "--train_file", str(train),
                                  "--validation_file", str(val), "--deepspeed", str(exp / "ds_config_zero2.json")])
-    args = by_type(parsed)
-    memory, model, data, training = (args[MemoryArguments], args[ModelArguments], args[DataArguments],
-                                     args[TrainingArguments])
+    args = Settings.from_groups(parsed)
+    memory, model, data, training = (args.memory, args.model, args.data,
+                                     args.training)
     assert (memory.sequence_parallel_size, model.rope_yarn_factor, data.max_seq_length, memory.tiled_mlp,
             memory.offload_activations, training.gradient_accumulation_steps) == expected
-    assert args[PlanArguments].plan_gpus == gpus
-    validate(*parsed, world_size=gpus, experiment_dir=exp)
+    assert args.plan.plan_gpus == gpus
+    check(*parsed, world_size=gpus, experiment_dir=exp)
     with pytest.raises(ConfigError, match="not a multiple of"):  # one GPU fewer: refused before anything starts
-        validate(*parsed, world_size=gpus - 1, experiment_dir=exp)
+        check(*parsed, world_size=gpus - 1, experiment_dir=exp)
 
 
 # --- validate(): errors name the setting and the fix ----------------------------------------------------------------
@@ -198,13 +220,13 @@ def valid_args(tmp_path):
 
 
 def test_validate_accepts_a_valid_configuration(valid_args):
-    validate(*valid_args)
+    check(*valid_args)
 
 
 def test_validate_lora_r_zero_names_setting_and_fix(valid_args):
     model, data, lora, gen, training = valid_args
     with pytest.raises(ConfigError) as info:
-        validate(model, data, dataclasses.replace(lora, lora_r=0), gen, training)
+        check(model, data, dataclasses.replace(lora, lora_r=0), gen, training)
     assert "'lora_r' = 0" in str(info.value)
     assert "positive rank" in str(info.value)
 
@@ -213,7 +235,7 @@ def test_validate_missing_train_file_names_setting_path_and_fix(valid_args, tmp_
     model, data, lora, gen, training = valid_args
     missing = tmp_path / "nowhere" / "train.jsonl"
     with pytest.raises(ConfigError) as info:
-        validate(model, dataclasses.replace(data, train_file=str(missing)), lora, gen, training)
+        check(model, dataclasses.replace(data, train_file=str(missing)), lora, gen, training)
     message = str(info.value)
     assert "'train_file'" in message and str(missing) in message
     assert "file not found" in message
@@ -222,7 +244,7 @@ def test_validate_missing_train_file_names_setting_path_and_fix(valid_args, tmp_
 def test_validate_unset_train_file_says_what_to_set(valid_args):
     model, data, lora, gen, training = valid_args
     with pytest.raises(ConfigError) as info:
-        validate(model, dataclasses.replace(data, train_file=None), lora, gen, training)
+        check(model, dataclasses.replace(data, train_file=None), lora, gen, training)
     assert "'train_file' = None" in str(info.value) and ".jsonl" in str(info.value)
 
 
@@ -230,7 +252,7 @@ def test_validate_prediction_loss_only_false_with_eval_on(valid_args):
     model, data, lora, gen, training = valid_args
     training.prediction_loss_only = False
     with pytest.raises(ConfigError) as info:
-        validate(model, data, lora, gen, training)
+        check(model, data, lora, gen, training)
     message = str(info.value)
     assert "'prediction_loss_only' = False" in message
     assert "set it to true" in message
@@ -239,13 +261,13 @@ def test_validate_prediction_loss_only_false_with_eval_on(valid_args):
 def test_validate_prediction_loss_only_false_is_fine_without_eval(valid_args, tmp_path):
     model, data, lora, gen, _ = valid_args
     training = TrainingArguments(output_dir=str(tmp_path / "out"), prediction_loss_only=False, report_to="none")
-    validate(model, data, lora, gen, training)
+    check(model, data, lora, gen, training)
 
 
 def test_validate_eager_attention_at_long_context(valid_args):
     model, data, lora, gen, training = valid_args
     with pytest.raises(ConfigError, match="'attn_implementation' = 'eager'.*use auto or sdpa"):
-        validate(dataclasses.replace(model, attn_implementation="eager"),
+        check(dataclasses.replace(model, attn_implementation="eager"),
                  dataclasses.replace(data, max_seq_length=65536), lora, gen, training)
 
 
@@ -254,7 +276,7 @@ def test_validate_refuses_a_padded_generation_batch_that_would_build_a_seq_by_se
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)  # flash_attn not installed, here or there
     two = dataclasses.replace(gen, generation_batch_size=2, max_new_tokens=512)
     with pytest.raises(ConfigError) as info:  # 009's length: 2 x (262,144 + 512)^2 = 137,976,348,672 bytes
-        validate(model, data, lora, two, training)
+        check(model, data, lora, two, training)
     assert str(info.value) == (
         "setting 'generation_batch_size' = 2: prompts are padded on the left, and without flash-attention "
         "transformers' SDPA attention then builds a boolean mask of generation_batch_size x (max_seq_length + "
@@ -263,9 +285,9 @@ def test_validate_refuses_a_padded_generation_batch_that_would_build_a_seq_by_se
         "--no-build-isolation) and use attn_implementation: auto or flash_attention_2.")
     # short prompts: 2 x (16,384 + 512)^2 = 570,949,632 bytes, under 1 GiB: accepted; so is one prompt per batch,
     # and flash-attention asked for by name
-    validate(model, dataclasses.replace(data, max_seq_length=16_384), lora, two, training)
-    validate(model, data, lora, dataclasses.replace(two, generation_batch_size=1), training)
-    validate(dataclasses.replace(model, attn_implementation="flash_attention_2"), data, lora, two, training)
+    check(model, dataclasses.replace(data, max_seq_length=16_384), lora, two, training)
+    check(model, data, lora, dataclasses.replace(two, generation_batch_size=1), training)
+    check(dataclasses.replace(model, attn_implementation="flash_attention_2"), data, lora, two, training)
 
 
 def test_pad_to_multiple_of_is_no_longer_recommended():
@@ -296,15 +318,15 @@ def sp_args(tmp_path, valid_args):
 
 def sp_error(args, world_size=8) -> str:
     with pytest.raises(ConfigError) as info:
-        validate(*args, world_size=world_size)
+        check(*args, world_size=world_size)
     return str(info.value)
 
 
 def test_sequence_parallel_accepts_heads_world_and_zero_that_fit(sp_args):
-    validate(*sp_args, world_size=8)  # 32 / 4 query heads, 8 / 4 KV heads per GPU; 2 groups of 4 GPUs
-    validate(*sp_args, world_size=None)  # PLAN=1 on a laptop: the launch size is not known, the planner checks it
+    check(*sp_args, world_size=8)  # 32 / 4 query heads, 8 / 4 KV heads per GPU; 2 groups of 4 GPUs
+    check(*sp_args, world_size=None)  # PLAN=1 on a laptop: the launch size is not known, the planner checks it
     sp_args[-1] = MemoryArguments(sequence_parallel_size=16)  # 8 KV heads replicated twice: DeepSpeed allows it
-    validate(*sp_args, world_size=16)
+    check(*sp_args, world_size=16)
 
 
 def test_sequence_parallel_refuses_a_world_size_it_does_not_divide(sp_args):
@@ -343,7 +365,7 @@ def test_sequence_parallel_refuses_training_without_deepspeed_or_with_zero_0(sp_
         f"setting 'sequence_parallel_size' = 4: under ZeRO stage 3 it needs reduce_scatter: true (DeepSpeed's "
         f"default) in {zero3}'s zero_optimization; remove reduce_scatter: false there.")
     use_zero("zero3.json", '{"stage": 3}')  # reduce_scatter: DeepSpeed's default, true
-    validate(*sp_args, world_size=8)
+    check(*sp_args, world_size=8)
 
 
 def test_sequence_parallel_refuses_eager_attention_and_padding_it_cannot_cut(sp_args):
@@ -358,7 +380,7 @@ def test_sequence_parallel_refuses_eager_attention_and_padding_it_cannot_cut(sp_
         "setting 'pad_to_multiple_of' = 6: every batch is cut into sequence_parallel_size = 4 equal slices; use a "
         "multiple of 4, or leave it unset (batches are then padded to a multiple of 4).")
     sp_args[1] = dataclasses.replace(data, pad_to_multiple_of=8)
-    validate(*sp_args, world_size=8)
+    check(*sp_args, world_size=8)
 
 
 def test_sequence_parallel_size_zero_is_refused(sp_args):
@@ -423,5 +445,5 @@ def test_checking_settings_for_the_target_machine_touches_no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", no_gpu_setup)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     parsed, _, _ = parse_config(["--config", str(CONFIG_009)], check_this_machine=False)
-    training = by_type(parsed)[TrainingArguments]
+    training = Settings.from_groups(parsed).training
     assert training.bf16 is True and training.per_device_train_batch_size == 1

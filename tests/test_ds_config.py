@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 from transformers import TrainingArguments
 
-from conftest import REPO_ROOT
-from longctx.config import ConfigError, parse_config
+from longctx.config import parse_config
+from longctx.errors import ConfigError
+from support.paths import EXPERIMENTS_DIR
 
 EXPERIMENTS = ["000_tiny_smoke", "009_text_summary", "010_text_summary_sp4", "011_million_tokens"]
 AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
@@ -26,11 +27,11 @@ def bf16_gpu(monkeypatch):
 
 
 def ds_path(experiment: str):
-    return REPO_ROOT / "experiments" / experiment / "ds_config_zero2.json"
+    return EXPERIMENTS_DIR / experiment / "ds_config_zero2.json"
 
 
 def training_args(experiment: str, tmp_path) -> TrainingArguments:
-    config = REPO_ROOT / "experiments" / experiment / "config.yaml"
+    config = EXPERIMENTS_DIR / experiment / "config.yaml"
     try:
         parsed, _, _ = parse_config(["--config", str(config), "--output_dir", str(tmp_path / "out"),
                                      "--deepspeed", str(ds_path(experiment))])

@@ -6,18 +6,18 @@ with it in test_equivalence.py."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-import shutil
-
-from conftest import REPO_ROOT
-from launching import (EVAL_000 as EVAL, REFERENCE, TRAIN_000 as TRAIN, assert_same_steps, run, step_metrics,
-                       wandb_records)
 from rouge_score import rouge_scorer
 
-from longctx.files import sha256_file
-from longctx.metrics import ROUGE_TYPES, sentences_per_line
+from longctx.eval.metrics import ROUGE_TYPES, sentences_per_line
+from longctx.utils.hashing import sha256_file
+from support.launching import REFERENCE, assert_same_steps, run, step_metrics, wandb_records
+from support.paths import EVAL_000 as EVAL
+from support.paths import REPO_ROOT
+from support.paths import TRAIN_000 as TRAIN
 
 pytestmark = pytest.mark.e2e
 

@@ -14,12 +14,12 @@ import json
 
 import pytest
 import torch
-from launching import (REFERENCE, TRAIN_000 as TRAIN, Started, assert_same_steps, experiment_with, run,
-                       step_metrics)
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT
-from longctx import checkpoints
+from longctx.run import layout
+from support.launching import REFERENCE, Started, assert_same_steps, experiment_with, run, step_metrics
+from support.paths import REPO_ROOT
+from support.paths import TRAIN_000 as TRAIN
 
 pytestmark = pytest.mark.e2e
 # The reference run's samples and schedule, without what does not change the numbers (evaluation, W&B).
@@ -53,7 +53,7 @@ train.check_records, train.tokenize_split = check_records, tokenize_split
 
 
 def adapter(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / checkpoints.FINAL_ADAPTER / checkpoints.ADAPTER_WEIGHTS)
+    return load_file(run_dir / layout.FINAL_ADAPTER / layout.ADAPTER_WEIGHTS)
 
 
 def assert_same_adapter(run_dir, reference_dir) -> None:

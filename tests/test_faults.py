@@ -14,15 +14,25 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO_ROOT, subprocess_env, write_jsonl
-from launching import (REFERENCE, TRAIN_000 as TRAIN, Started, assert_same_steps, experiment_with, launch_experiment,
-                       run, step_metrics, wandb_records)
 
-from longctx import checkpoints
+from longctx.run import checkpoints, layout
+from support.env import subprocess_env, write_jsonl
+from support.launching import (
+    REFERENCE,
+    Started,
+    assert_same_steps,
+    experiment_with,
+    launch_experiment,
+    run,
+    step_metrics,
+    wandb_records,
+)
+from support.paths import CONFIG_000 as CONFIG
+from support.paths import EVAL_PY_000, REPO_ROOT
+from support.paths import TRAIN_000 as TRAIN
+from support.paths import TRAIN_PY_000 as TRAIN_PY
 
 pytestmark = pytest.mark.e2e
-TRAIN_PY = REPO_ROOT / "experiments" / "000_tiny_smoke" / "train_cluster.py"
-CONFIG = REPO_ROOT / "experiments" / "000_tiny_smoke" / "config.yaml"
 
 
 def kill_after_checkpoint(out: Path, extra: list[str], step: int, **env) -> None:
@@ -37,7 +47,7 @@ def kill_after_checkpoint(out: Path, extra: list[str], step: int, **env) -> None
         for child in psutil.process_iter(["cmdline"]):
             if str(out) in " ".join(child.info["cmdline"] or []):
                 child.kill()
-    assert (out / f"checkpoint-{step}" / checkpoints.MANIFEST).exists()
+    assert (out / f"checkpoint-{step}" / layout.MANIFEST).exists()
     assert not (out / "final_adapter").exists(), "killed too late: the run had already finished"
 
 
@@ -128,14 +138,14 @@ def test_incomplete_checkpoints_are_skipped_by_resume_and_listing(reference_run,
     out = tmp_path / "run"
     shutil.copytree(reference_run[0], out, symlinks=True)
     shutil.rmtree(out / "final_adapter")
-    weights = out / "checkpoint-7" / checkpoints.ADAPTER_WEIGHTS
+    weights = out / "checkpoint-7" / layout.ADAPTER_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a crash mid-write
-    (out / "checkpoint-6" / checkpoints.MANIFEST).unlink()  # save interrupted before the marker
+    (out / "checkpoint-6" / layout.MANIFEST).unlink()  # save interrupted before the marker
     warnings: list[str] = []
     assert checkpoints.latest_resumable(out, warn=warnings.append).global_step == 3
     assert warnings == [f"skipping {out / 'checkpoint-6'}: manifest.json is missing (the save did not finish)",
                         f"skipping {out / 'checkpoint-7'}: adapter_model.safetensors has 100 bytes, manifest.json says "
-                        f"{json.loads((out / 'checkpoint-7' / 'manifest.json').read_text())['files'][checkpoints.ADAPTER_WEIGHTS]['size']} "
+                        f"{json.loads((out / 'checkpoint-7' / 'manifest.json').read_text())['files'][layout.ADAPTER_WEIGHTS]['size']} "
                         f"(truncated or altered)"]
     proc, resume_step = relaunch_resumes(out, REFERENCE)
     assert resume_step == 3
@@ -186,7 +196,7 @@ def test_nan_loss_stops_at_that_step_without_a_poisoned_checkpoint(tmp_path, tin
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "model")
     model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
     # "~": a character no record of the tiny corpus holds. (The text of a control token such as <|endoftext|> would
-    # not do: record text is tokenized as plain text, longctx.chat.)
+    # not do: record text is tokenized as plain text, longctx.data.chat.)
     poison = tokenizer.convert_tokens_to_ids("~")
     model.config.tie_word_embeddings = False  # corrupt the input row only, not the output projection
     model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
@@ -211,7 +221,7 @@ def test_nan_loss_stops_at_that_step_without_a_poisoned_checkpoint(tmp_path, tin
     assert all(c.global_step < bad_step for c in saved) and not (out / "final_adapter").exists()
     assert [c.global_step for c in saved] == list(range(1, bad_step))
     for c in saved:
-        tensors = load_file(c.path / checkpoints.ADAPTER_WEIGHTS)
+        tensors = load_file(c.path / layout.ADAPTER_WEIGHTS)
         assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
@@ -249,13 +259,13 @@ def test_hang_in_teardown_is_cut_by_the_watchdog_with_stacks(tmp_path, tiny_dir)
             in proc.stderr)
     assert "Timeout (0:00:12)!" in proc.stderr  # faulthandler's dump header
     assert re.search(r'File ".*train_cluster\.py", line 7 in hang', proc.stderr)  # the stuck frame is named
-    assert (tmp_path / "o" / "final_adapter" / checkpoints.MANIFEST).is_file()  # the save itself had finished
+    assert (tmp_path / "o" / "final_adapter" / layout.MANIFEST).is_file()  # the save itself had finished
 
 
 def test_hang_in_the_last_checkpoint_save_is_cut_by_the_end_of_run_watchdog(tmp_path, tiny_dir):
     """The Trainer writes its last checkpoint inside train(), after the last step: the end-of-run guard is armed
     by then. 6 records (2 dropped), accumulation 2: 2 optimizer steps; the save at step 2 hangs."""
-    patch = ("from longctx.callbacks import ManifestCallback\n"
+    patch = ("from longctx.training.callbacks import ManifestCallback\n"
              "ManifestCallback.on_save = lambda self, args, state, control, **kw: hang() if state.global_step == 2 "
              "else None\n")
     proc, hung = hanging_run(tmp_path, patch, ["--save_steps", "1", "--eval_steps", "100",
@@ -269,7 +279,7 @@ def test_hang_in_the_last_checkpoint_save_is_cut_by_the_end_of_run_watchdog(tmp_
 
 def test_step_watchdog_guards_the_evaluation_of_its_step(tmp_path, tiny_dir):
     """With step_timeout_seconds, a step's guard lasts through the eval and save the Trainer runs after it."""
-    patch = ("from longctx.trainer import LongContextTrainer\n"
+    patch = ("from longctx.training.trainer import LongContextTrainer\n"
              "LongContextTrainer.evaluate = hang\n")
     proc, hung = hanging_run(tmp_path, patch, ["--save_steps", "100", "--eval_steps", "1",
                                                "--step_timeout_seconds", "12", "--watchdog_timeout_seconds", "3600"])
@@ -331,7 +341,7 @@ def test_non_finite_gradient_norm_stops_every_rank_before_the_step(tmp_path, tin
     assert [c.name for c in saved] == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "checkpoint-3").exists() and not (out / "final_adapter").exists()
     for c in saved:
-        assert all(torch.isfinite(t).all() for t in load_file(c.path / checkpoints.ADAPTER_WEIGHTS).values())
+        assert all(torch.isfinite(t).all() for t in load_file(c.path / layout.ADAPTER_WEIGHTS).values())
 
 
 def test_final_adapter_manifest_and_altered_adapter_refused(tmp_path, tiny_dir):
@@ -342,17 +352,17 @@ def test_final_adapter_manifest_and_altered_adapter_refused(tmp_path, tiny_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SECRET123" not in proc.stdout + proc.stderr and "SECRET456" not in proc.stdout + proc.stderr
     final = out / "final_adapter"
-    manifest = json.loads((final / checkpoints.MANIFEST).read_text())
+    manifest = json.loads((final / layout.MANIFEST).read_text())
     assert manifest["global_step"] == 1 and len(manifest["git_commit"] or "") == 40
-    weights = manifest["files"][checkpoints.ADAPTER_WEIGHTS]
-    assert weights["size"] == (final / checkpoints.ADAPTER_WEIGHTS).stat().st_size and len(weights["sha256"]) == 64
+    weights = manifest["files"][layout.ADAPTER_WEIGHTS]
+    assert weights["size"] == (final / layout.ADAPTER_WEIGHTS).stat().st_size and len(weights["sha256"]) == 64
     assert checkpoints.adapter_problem(final) is None
 
-    data = bytearray((final / checkpoints.ADAPTER_WEIGHTS).read_bytes())
+    data = bytearray((final / layout.ADAPTER_WEIGHTS).read_bytes())
     data[-1] ^= 0xFF  # same size, one byte altered
-    (final / checkpoints.ADAPTER_WEIGHTS).write_bytes(bytes(data))
+    (final / layout.ADAPTER_WEIGHTS).write_bytes(bytes(data))
     assert "does not match its sha256" in checkpoints.adapter_problem(final)
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / "000_tiny_smoke" / "eval_checkpoint.py"),
+    proc = subprocess.run([sys.executable, str(EVAL_PY_000),
                            "--config", str(CONFIG), "--checkpoint", str(final), "--report_to", "none"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 2 and "does not match its sha256" in proc.stderr
@@ -363,7 +373,7 @@ def test_no_unsafe_loading_in_the_code():
     from longctx.settings import ModelArguments
 
     assert ModelArguments().trust_remote_code is False
-    for path in (REPO_ROOT / "longctx").glob("*.py"):
+    for path in (REPO_ROOT / "longctx").rglob("*.py"):
         text = path.read_text()
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path.name}: {call}"

@@ -17,16 +17,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from launching import experiment_with
 
-from conftest import REPO_ROOT, subprocess_env
+from support.env import subprocess_env
+from support.launching import experiment_with
+from support.paths import EXP_000, EXP_009, EXPERIMENTS_DIR, REPO_ROOT, TRAIN_000, TRAIN_009
 
-EXP_000 = REPO_ROOT / "experiments" / "000_tiny_smoke"
-EXP_009 = REPO_ROOT / "experiments" / "009_text_summary"
-TRAIN_000 = EXP_000 / "launch_train.sh"
-TRAIN_009 = EXP_009 / "launch_train.sh"
 LAUNCHER = REPO_ROOT / "scripts" / "launch_train.sh"
-SHELL_SCRIPTS = sorted([*REPO_ROOT.glob("experiments/*/*.sh"), *REPO_ROOT.glob("scripts/*.sh")])
+SHELL_SCRIPTS = sorted([*EXPERIMENTS_DIR.glob("*/*.sh"), *REPO_ROOT.glob("scripts/*.sh")])
 # knobs the caller's environment might carry; each test sets the ones it means
 KNOBS = ("CONFIG", "OUTPUT_DIR", "NUM_PROCESSES", "NUM_MACHINES", "MACHINE_RANK", "MASTER_ADDR", "MASTER_PORT",
          "LAUNCHER", "USE_DEEPSPEED", "DS_CONFIG", "REQUIRE_GPU", "WANDB_PROJECT", "WANDB_MODE", "WANDB_DIR",
@@ -110,6 +107,7 @@ def knobs_of(script: Path) -> dict[str, str]:
     return dict(re.findall(r'^([A-Z_]+)="\$\{[A-Z_]+:-.*\}"\s*#\s*(.*)$', block, flags=re.M))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script,experiment_script", [
     (LAUNCHER, TRAIN_009), (REPO_ROOT / "scripts" / "eval_all_checkpoints.sh", EXP_009 / "eval_all_checkpoints.sh")],
     ids=["training", "evaluation"])
@@ -140,6 +138,7 @@ def test_the_readme_knob_table_is_the_launchers(tmp_path):
 # --- knobs checked: one line, exit 2, nothing started ---------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("env,message", [
     ({"LAUNCHER": "torchrun"}, "error: LAUNCHER=torchrun; use one of: accelerate deepspeed."),
     ({"NUM_MACHINES": "2", "MACHINE_RANK": "2"},
@@ -156,6 +155,7 @@ def test_a_wrong_knob_is_one_line_and_exit_2(launch, env, message):
     assert "+ " not in result.stdout
 
 
+@pytest.mark.e2e
 def test_009_without_gpus_refuses_in_one_line_and_points_to_000(launch):
     result = launch(TRAIN_009, dry_run=False)
     assert (result.returncode, result.stderr) == (2, (
@@ -167,6 +167,7 @@ def test_009_without_gpus_refuses_in_one_line_and_points_to_000(launch):
 # --- the echoed command (DRY_RUN=1: checks run, nothing is launched) ------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_one_cpu_process_runs_python_directly_with_the_experiments_settings(launch, tmp_path):
     config = tmp_path / "my_config.yaml"
     config.write_text((EXP_000 / "config.yaml").read_text())
@@ -182,6 +183,7 @@ def test_one_cpu_process_runs_python_directly_with_the_experiments_settings(laun
     assert not out.exists()  # DRY_RUN: nothing written
 
 
+@pytest.mark.e2e
 def test_two_cpu_processes_use_deepspeed_and_one_thread_each(launch):
     words = echoed(result := launch(TRAIN_000, NUM_PROCESSES="2", MASTER_PORT="29611", MASTER_ADDR="10.0.0.7"))
     ds_config = str(EXP_000 / "ds_config_zero2.json")
@@ -194,6 +196,7 @@ def test_two_cpu_processes_use_deepspeed_and_one_thread_each(launch):
     assert "OMP_NUM_THREADS=1" in status_line(result)
 
 
+@pytest.mark.e2e
 def test_several_machines_use_deepspeeds_standard_launcher(launch):
     words = echoed(launch(TRAIN_000, NUM_PROCESSES="1", NUM_MACHINES="2", MACHINE_RANK="1",
                           MASTER_ADDR="10.0.0.7"))
@@ -210,6 +213,7 @@ TINY_DATA = ("--train_file", ".cache/tiny_smoke/data/train.jsonl", "--validation
              "--model_name_or_path", "tests/fixtures/qwen3-4b-instruct-2507")
 
 
+@pytest.mark.e2e
 def test_four_gpus_four_processes_under_zero2_and_cuda_visible_devices_narrows_them(launch, tiny_dir):
     # PLAN=0: this machine's host memory is not the cluster's (the plan's host check is tested in test_planner_*)
     words = echoed(launch(TRAIN_009, *TINY_DATA, gpus=4, PLAN="0"))
@@ -219,6 +223,7 @@ def test_four_gpus_four_processes_under_zero2_and_cuda_visible_devices_narrows_t
     assert value_after(echoed(narrowed), "--num_processes") == "2"
 
 
+@pytest.mark.e2e
 def test_deepspeed_launcher_takes_the_gpus_asked_for(launch, tiny_dir):
     words = echoed(launch(TRAIN_009, *TINY_DATA, gpus=4, LAUNCHER="deepspeed", CUDA_VISIBLE_DEVICES="1,3", PLAN="0"))
     assert words[0] == "deepspeed" and value_after(words, "--include") == "localhost:1,3"
@@ -227,6 +232,7 @@ def test_deepspeed_launcher_takes_the_gpus_asked_for(launch, tiny_dir):
     assert value_after(words, "--num_gpus") == "4"
 
 
+@pytest.mark.e2e
 def test_wandb_mode_and_secrets_never_printed(launch):
     assert "W&B mode: offline" in status_line(launch(TRAIN_000))
     secrets = {"WANDB_API_KEY": "sk-test-SECRET123", "HF_TOKEN": "hf_SECRET456"}
@@ -236,6 +242,7 @@ def test_wandb_mode_and_secrets_never_printed(launch):
     assert "SECRET" not in result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 def test_000_launcher_builds_assets_then_launches(launch, tiny_dir):
     result = launch(TRAIN_000)  # tiny_dir exists, so the asset build is a no-op
     assert result.returncode == 0, result.stderr
@@ -245,6 +252,7 @@ def test_000_launcher_builds_assets_then_launches(launch, tiny_dir):
 # --- through the real launchers -------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("launcher,env", [("accelerate", {}), ("deepspeed", {"LOCAL_SIZE": "4"})])
 def test_the_gpus_asked_for_are_the_ones_each_rank_sees(launch, tmp_path, launcher, env):
     """CUDA_VISIBLE_DEVICES=1,3 and two processes: each rank of the real launch sees GPUs 1 and 3 (its LOCAL_RANK
@@ -260,6 +268,7 @@ def test_the_gpus_asked_for_are_the_ones_each_rank_sees(launch, tmp_path, launch
                     {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": "1,3"}]
 
 
+@pytest.mark.e2e
 def test_a_failing_rank_hands_its_status_and_reason_to_the_launcher(launch, tmp_path, tiny_dir):
     """An error inside training after launch: the launcher's last line is the rank's one-line reason (after
     accelerate's and torchrun's own report), and its exit status is the training process's."""
@@ -273,10 +282,11 @@ def test_a_failing_rank_hands_its_status_and_reason_to_the_launcher(launch, tmp_
 # --- evaluation launcher -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_eval_launcher_dry_run_uses_the_runs_own_config(launch, tmp_path):
     out = tmp_path / "some_run"
     words = echoed(launch(EXP_009 / "eval_all_checkpoints.sh", "--max_new_tokens", "16", OUTPUT_DIR=str(out)))
-    assert words[1] == str(EXP_009 / "eval_checkpoint.py") and value_after(words, "--run_dir") == str(out)
+    assert words[1] == str(EXP_009 / "eval_checkpoint.py") and value_after(words, "--output_dir") == str(out)
     assert value_after(words, "--config") == str(EXP_009 / "config.yaml")  # no run_config.yaml in the run yet
     assert "--all_checkpoints" in words and words[-2:] == ["--max_new_tokens", "16"]
     out.mkdir()

@@ -14,10 +14,12 @@ import subprocess
 import sys
 
 import pytest
-from launching import TRAIN_000 as TRAIN, run
 
-from conftest import REPO_ROOT, write_jsonl
-from longctx.rundir import RUN_OUTPUTS
+from longctx.run.layout import RUN_OUTPUTS
+from support.env import write_jsonl
+from support.launching import run
+from support.paths import CONFIG_000, REPO_ROOT
+from support.paths import TRAIN_000 as TRAIN
 
 pytestmark = pytest.mark.e2e
 TINY_TRAIN = REPO_ROOT / ".cache" / "tiny_smoke" / "data" / "train.jsonl"
@@ -99,9 +101,10 @@ def test_overwrite_starts_afresh_under_any_resume(used, resume):
     (used / "notes.txt").write_text("mine")
     before = {p.name for p in used.iterdir()}
     assert {"checkpoint-3", "final_adapter", "wandb", "wandb_run.json", "run_info.json"} <= before
-    proc = subprocess.run([sys.executable, "-m", "longctx.preflight", "--overwrite", "true", "--", "--config",
-                           str(REPO_ROOT / "experiments" / "000_tiny_smoke" / "config.yaml"), "--output_dir",
-                           str(used), "--resume", resume], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    # OVERWRITE=1 reaches the preflight as the setting (one route: the launcher adds --overwrite true)
+    proc = subprocess.run([sys.executable, "-m", "longctx.preflight", "--", "--config", str(CONFIG_000),
+                           "--output_dir", str(used), "--resume", resume, "--overwrite", "true"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in used.iterdir()) == ["notes.txt"]
     removed = before - {"notes.txt"}

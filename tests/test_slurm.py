@@ -16,9 +16,10 @@ import subprocess
 
 import pytest
 
-from conftest import REPO_ROOT, subprocess_env
+from support.env import subprocess_env
+from support.paths import EXP_009, EXPERIMENTS_DIR, REPO_ROOT
 
-SBATCH = REPO_ROOT / "experiments" / "009_text_summary" / "slurm_train.sbatch"
+SBATCH = EXP_009 / "slurm_train.sbatch"
 # 009's data and model are not on this machine: the tiny corpus, and the Qwen3-4B fixture (config.json + tokenizer)
 TINY_DATA = ["--train_file", ".cache/tiny_smoke/data/train.jsonl", "--validation_file",
              ".cache/tiny_smoke/data/validation.jsonl", "--model_name_or_path", "tests/fixtures/qwen3-4b-instruct-2507"]
@@ -73,6 +74,7 @@ def test_the_header_asks_for_nodes_gpus_the_signal_ahead_and_requeue():
     assert directives["signal"] == "USR1@3600" and "requeue" in directives
 
 
+@pytest.mark.e2e
 def test_each_node_runs_one_launcher_of_one_job(slurm, tiny_dir):
     submit, record = slurm
     proc = submit(*TINY_DATA, DRY_RUN="1", PLAN="0")  # PLAN=0: this machine's host memory is not a node's
@@ -93,6 +95,7 @@ def test_each_node_runs_one_launcher_of_one_job(slurm, tiny_dir):
         assert ("data:" in output) == (node == 0)  # machine 0 checks the data and OUTPUT_DIR for the job
 
 
+@pytest.mark.e2e
 def test_a_launch_stopped_at_a_checkpoint_is_requeued(slurm):
     submit, record = slurm
     proc = submit(STANDIN_STATUS="75")
@@ -103,7 +106,7 @@ def test_a_launch_stopped_at_a_checkpoint_is_requeued(slurm):
     assert record.read_text().splitlines().count("requeue 4242") == 1  # a failure is not requeued
 
 
-@pytest.mark.parametrize("sbatch", sorted(REPO_ROOT.glob("experiments/*/slurm_train.sbatch")),
+@pytest.mark.parametrize("sbatch", sorted(EXPERIMENTS_DIR.glob("*/slurm_train.sbatch")),
                          ids=lambda path: path.parent.name)
 def test_every_sbatch_file_hands_its_own_experiment_to_the_shared_body(sbatch):
     """The body is tested above through 009's file; each other file must name its own folder (a copied file that

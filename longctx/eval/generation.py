@@ -1,13 +1,8 @@
 """Greedy generation from the validation prompts: one base model, adapters swapped, batches split over processes.
 
-Each validation record's prompt is exactly its training prompt (longctx.chat.ChatFormat, the same length policy): the
-chat template's text up to the assistant's content, never an add_generation_prompt rendering. Prompts are sorted by
-length (longest first, so an out-of-memory shows at once) into batches of generation_batch_size, left padded, and
-generated from greedily up to max_new_tokens, stopping at the tokenizer's and the model's end-of-turn tokens. Each
-prediction is decoded without special tokens and its reasoning blocks (`<think>...</think>`) removed before scoring;
-whether it had one and whether it stopped at max_new_tokens are kept for the counts. With several processes the
-batches are dealt out round-robin, each process generates its own, and the pairs (prompt index, prediction) are
-merged back in prompt order: the same batches as one process, so the same predictions.
+Prompts are the training prompts (longctx.data.chat.ChatFormat), sorted by length (longest first) into batches,
+left padded; with several processes the batches are dealt out round-robin and the predictions merged back in prompt
+order, so any process count gives one process's predictions. How evaluation works as a whole: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -16,18 +11,23 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..chat import UNNAMED, ChatFormat, strip_reasoning, template_name
-from ..checkpoints import Checkpoint
-from ..collate import PadCollator
-from ..data import load_records, record_id
-from ..distributed import print0
-from ..modeling import load_base_model, load_tokenizer, resolve_attn_implementation
-from ..records import DataError
-from ..settings import DataArguments, GenerationArguments, ModelArguments
-from . import ranks
+from ..data.chat import UNNAMED, ChatFormat, strip_reasoning, template_name
+from ..data.collate import PadCollator
+from ..data.dataset import load_records, record_id
+from ..data.tokenizer import load_tokenizer
+from ..errors import DataError
+from ..model.loading import load_base_model, resolve_attn_implementation
+from ..run.checkpoints import Checkpoint
+from ..settings import DataArguments, GenerationArguments
+from ..utils.distributed import print0
+from . import rank_failures
+
+if TYPE_CHECKING:
+    from .job import EvalJob
 
 
 @dataclass
@@ -111,7 +111,7 @@ def share_of_process(batches: list[list[int]], state) -> list[list[int]]:
 
 
 @torch.no_grad()
-def generate_batches(model, tokenizer, prompts: list[Prompt], batches: list[list[int]], gen: GenerationArguments,
+def generate_batches(model, tokenizer, prompts: list[Prompt], batches: list[list[int]], generation: GenerationArguments,
                      stop_ids: list[int]) -> list[tuple[int, Prediction]]:
     """(prompt index, prediction) for every prompt of `batches`."""
     device = next(model.parameters()).device
@@ -122,7 +122,7 @@ def generate_batches(model, tokenizer, prompts: list[Prompt], batches: list[list
         output = model.generate(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=gen.max_new_tokens,
+            max_new_tokens=generation.max_new_tokens,
             do_sample=False,
             num_beams=1,
             eos_token_id=stop_ids,
@@ -144,12 +144,12 @@ def merge_in_order(pairs: list[tuple[int, Prediction]], num_prompts: int) -> lis
     return predictions
 
 
-def generate(model, tokenizer, prompts: list[Prompt], gen: GenerationArguments,
+def generate(model, tokenizer, prompts: list[Prompt], generation: GenerationArguments,
              stop_ids: list[int] | None = None) -> list[Prediction]:
     """Greedy predictions in the prompts' order, in this process alone."""
     stop_ids = stop_ids if stop_ids is not None else stop_token_ids(tokenizer, model)
-    batches = make_batches(prompts, gen.generation_batch_size)
-    return merge_in_order(generate_batches(model, tokenizer, prompts, batches, gen, stop_ids), len(prompts))
+    batches = make_batches(prompts, generation.generation_batch_size)
+    return merge_in_order(generate_batches(model, tokenizer, prompts, batches, generation, stop_ids), len(prompts))
 
 
 class AdapterSwapper:
@@ -181,46 +181,46 @@ class Evaluator:
     """Per process: tokenizer, prompts and base model, loaded at the first checkpoint that needs scoring (a rerun
     with nothing to score loads nothing); then, per checkpoint, this process's share of the predictions."""
 
-    def __init__(self, model_args: ModelArguments, data: DataArguments, gen: GenerationArguments, state,
-                 plan: Callable[[list[int]], None] | None = None):
-        self.model_args, self.data, self.gen, self.state = model_args, data, gen, state
+    def __init__(self, job: EvalJob, state, plan: Callable[[list[int]], None] | None = None):
+        self.job, self.state = job, state
         self.plan = plan  # called with the prompts' token counts before the weights load; raises to refuse
         self.swapper: AdapterSwapper | None = None
 
     def load(self) -> None:
         if self.swapper is not None:
             return
-        self.tokenizer = load_tokenizer(self.model_args, padding_side="left")
-        self.prompts, self.dropped = build_prompts(self.tokenizer, self.data, template_name(self.model_args))
+        model, data, generation = self.job.model, self.job.data, self.job.generation
+        self.tokenizer = load_tokenizer(model, padding_side="left")
+        self.prompts, self.dropped = build_prompts(self.tokenizer, data, template_name(model))
         if not self.prompts:
-            raise DataError(f"{self.data.validation_file}: no validation prompt fits max_seq_length="
-                            f"{self.data.max_seq_length}; raise it or set length_policy: truncate_document.")
-        self.references_over, self.reference_tokens_p95 = reference_lengths(self.prompts, self.gen.max_new_tokens)
+            raise DataError(f"{data.validation_file}: no validation prompt fits max_seq_length="
+                            f"{data.max_seq_length}; raise it or set length_policy: truncate_document.")
+        self.references_over, self.reference_tokens_p95 = reference_lengths(self.prompts, generation.max_new_tokens)
         if self.references_over:
             print0(f"warning: {self.references_over} of {len(self.prompts)} validation references are longer than "
-                   f"max_new_tokens={self.gen.max_new_tokens} tokens (summary + end of turn): their predictions are "
-                   f"cut short, which lowers recall. max_new_tokens={self.reference_tokens_p95} would cover 95% of "
-                   f"the references.", file=sys.stderr)
+                   f"max_new_tokens={generation.max_new_tokens} tokens (summary + end of turn): their predictions "
+                   f"are cut short, which lowers recall. max_new_tokens={self.reference_tokens_p95} would cover 95% "
+                   f"of the references.", file=sys.stderr)
         if self.plan is not None:
             self.plan([len(p.input_ids) for p in self.prompts])
-        base = load_base_model(self.model_args, training=False).to(self.state.device).eval()
+        base = load_base_model(model, training=False).to(self.state.device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer, base)
-        self.generation = {
-            "max_new_tokens": self.gen.max_new_tokens, "generation_batch_size": self.gen.generation_batch_size,
+        self.generation_used = {  # the row's "generation": what decoding really used
+            "max_new_tokens": generation.max_new_tokens, "generation_batch_size": generation.generation_batch_size,
             "decoding": "greedy", "stop_token_ids": self.stop_ids, "padding_side": "left",
             "dtype": str(base.dtype).replace("torch.", ""),
-            "attn_implementation": resolve_attn_implementation(self.model_args.attn_implementation),
+            "attn_implementation": resolve_attn_implementation(model.attn_implementation),
         }
         self.swapper = AdapterSwapper(base)
 
     def _my_share(self, ckpt: Checkpoint) -> list[tuple[int, Prediction]]:
         self.load()
         model = self.swapper.activate(ckpt.path)
-        batches = share_of_process(make_batches(self.prompts, self.gen.generation_batch_size), self.state)
-        return generate_batches(model, self.tokenizer, self.prompts, batches, self.gen, self.stop_ids)
+        batches = share_of_process(make_batches(self.prompts, self.job.generation.generation_batch_size), self.state)
+        return generate_batches(model, self.tokenizer, self.prompts, batches, self.job.generation, self.stop_ids)
 
     def predict(self, ckpt: Checkpoint) -> list[Prediction]:
         """Every process generates its share; every process receives all predictions in prompt order, or, when
-        any process failed, raises ranks.RankFailed at the same moment as the others."""
-        shares = ranks.gather(self.state, f"scoring {ckpt.name}", lambda: self._my_share(ckpt))
+        any process failed, raises RankFailed at the same moment as the others."""
+        shares = rank_failures.gather(self.state, f"scoring {ckpt.name}", lambda: self._my_share(ckpt))
         return merge_in_order([pair for share in shares for pair in share], len(self.prompts))

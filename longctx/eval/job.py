@@ -1,27 +1,39 @@
-"""One evaluation invocation, checked: the evaluation's own settings (EvalArguments), and `parse_job`, which turns
-the command line into an EvalJob. Every check that needs no weights (settings, the validation file, the checkpoint
-given) runs here, before any process group or model."""
+"""One evaluation invocation, checked: the evaluation's own options (EvalArguments), what changes its scores
+(`scoring_settings`, fingerprinted), and `parse_job`, which turns the command line into an EvalJob. Every check that
+needs no weights (settings, the validation file, the checkpoint given) runs here, before any process group or model.
+How evaluation works as a whole: docs/evaluation.md."""
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import checkpoints
-from ..checkpoints import FINAL_ADAPTER, Checkpoint
-from ..chat import check_template
-from ..config import (ConfigError, parse_config, validate_attention_masks, validate_chat_template, validate_data,
-                      validate_generation)
-from ..records import check_records
+from ..config import parse_config, validate_attention_masks, validate_chat_template, validate_data, validate_generation
+from ..data.chat import check_template
+from ..data.records import check_records
+from ..errors import ConfigError
+from ..model.loading import resolve_dtype
+from ..run import checkpoints
+from ..run.checkpoints import Checkpoint
+from ..run.layout import FINAL_ADAPTER, RESULTS_FILE
 from ..settings import DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments
-from . import results
+from ..utils.hashing import fingerprint, sha256_file
+from .metrics import scoring_version
+
+PROMPT_SETTINGS = ("max_eval_samples", "document_field", "summary_field", "id_field", "instruction", "system_prompt",
+                   "max_seq_length", "length_policy")
 
 
 @dataclass
 class EvalArguments:
-    run_dir: str | None = field(
-        default=None, metadata={"help": "Training output directory to score (default: output_dir of the config)."}
+    """The options of the evaluation command (eval_checkpoint.py, eval_all_checkpoints.sh); every other flag is a
+    setting of the run (run_config.yaml)."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "The training run to score (OUTPUT_DIR): default, output_dir of the config; "
+                                        "with --checkpoint, the checkpoint's own directory unless given as a flag."}
     )
     checkpoint: str | None = field(default=None, metadata={"help": "One adapter directory to score."})
     report_to: list[str] = field(
@@ -50,7 +62,7 @@ class EvalArguments:
     )
     preflight: bool = field(
         default=False, metadata={"help": "Check the settings and list what needs scoring, loading no model: exit 0 "
-                                         "when there is work, 3 when every checkpoint is already scored (report "
+                                         "when there is work, 4 when every checkpoint is already scored (report "
                                          "refreshed), 2 on a bad setting. The launcher runs it before starting "
                                          "several processes."}
     )
@@ -60,19 +72,40 @@ class EvalArguments:
 class EvalJob:
     """One evaluation invocation, checked: what to score, where, with which settings."""
 
-    model_args: ModelArguments
+    model: ModelArguments
     data: DataArguments
     lora: LoraArguments
-    gen: GenerationArguments
-    ev: EvalArguments
-    run_dir: Path
+    generation: GenerationArguments
+    options: EvalArguments
+    output_dir: Path
     single: Checkpoint | None  # --checkpoint
-    settings: dict  # results.eval_settings
-    fingerprint: str
+    scoring_settings: dict  # scoring_settings(): everything that changes the scores
+    fingerprint: str  # of scoring_settings: rows with another one were scored differently
 
     @property
     def results_path(self) -> Path:
-        return self.run_dir / results.RESULTS_FILE
+        return self.output_dir / RESULTS_FILE
+
+
+def scoring_settings(model: ModelArguments, data: DataArguments, generation: GenerationArguments,
+                     template: dict[str, str]) -> dict:
+    """Everything that changes the predictions or their scores. A row scored with equal settings is reused instead of
+    scored again. `template`: longctx.data.chat.template_record (the template's path and the sha256 of its text)."""
+    return {
+        "validation_sha256": sha256_file(data.validation_file),
+        **{name: getattr(data, name) for name in PROMPT_SETTINGS},
+        "model_name_or_path": model.model_name_or_path,
+        "tokenizer_name_or_path": model.tokenizer_name_or_path,
+        "chat_template": template["chat_template"], "chat_template_sha256": template["chat_template_sha256"],
+        "dtype": str(resolve_dtype(model.torch_dtype)).replace("torch.", ""),
+        # only when set, so the rows of runs without it keep their fingerprint
+        **({"rope_yarn_factor": model.rope_yarn_factor} if model.rope_yarn_factor else {}),
+        "max_new_tokens": generation.max_new_tokens,
+        "generation_batch_size": generation.generation_batch_size,
+        "decoding": "greedy",
+        "scoring": scoring_version(),
+    }
+
 
 
 def all_setting_names() -> set[str]:
@@ -80,42 +113,44 @@ def all_setting_names() -> set[str]:
     return {f.name for cls in DATACLASSES for f in dataclasses.fields(cls)}
 
 
-def _check_positive(ev: EvalArguments) -> None:
-    if ev.follow_poll_seconds <= 0:
-        raise ConfigError(f"setting 'follow_poll_seconds' = {ev.follow_poll_seconds!r}: use a positive number.")
-    if ev.follow_timeout_seconds is not None and ev.follow_timeout_seconds <= 0:
-        raise ConfigError(f"setting 'follow_timeout_seconds' = {ev.follow_timeout_seconds!r}: use a positive "
+def _check_positive(options: EvalArguments) -> None:
+    if options.follow_poll_seconds <= 0:
+        raise ConfigError(f"setting 'follow_poll_seconds' = {options.follow_poll_seconds!r}: use a positive number.")
+    if options.follow_timeout_seconds is not None and options.follow_timeout_seconds <= 0:
+        raise ConfigError(f"setting 'follow_timeout_seconds' = {options.follow_timeout_seconds!r}: use a positive "
                           f"number, or leave it unset to wait for {FINAL_ADAPTER}.")
 
 
 def parse_job(argv: list[str] | None) -> EvalJob:
     """Settings + data checks, no weights. Raises ConfigError / DataError."""
-    (model_args, data, lora, gen, ev), _config_path, extra = parse_config(
+    argv = list(sys.argv[1:] if argv is None else argv)
+    (model, data, lora, generation, options), _config_path, _ = parse_config(
         argv, (ModelArguments, DataArguments, LoraArguments, GenerationArguments, EvalArguments),
         tolerated_keys=all_setting_names())
     validate_data(data, need_train=False)
-    validate_chat_template(model_args)
+    validate_chat_template(model)
     check_records(data.validation_file, data)
-    validate_generation(gen)
-    validate_attention_masks(model_args, data, gen)
-    _check_positive(ev)
+    validate_generation(generation)
+    validate_attention_masks(model, data, generation)
+    _check_positive(options)
     single = None
-    if ev.checkpoint:
-        if ev.follow:
+    if options.checkpoint:
+        if options.follow:
             raise ConfigError("settings 'checkpoint' and 'follow' exclude each other: --follow watches a whole run "
-                              "(--run_dir); drop one of them.")
-        path = Path(ev.checkpoint)
+                              "(--output_dir); drop one of them.")
+        path = Path(options.checkpoint)
         problem = checkpoints.adapter_problem(path, require_manifest=False)  # also adapters saved elsewhere
         if problem:
             raise ConfigError(f"setting 'checkpoint' = {str(path)!r}: {problem}")
         single = Checkpoint(path, checkpoints.global_step_of(path) or 0)
-        run_dir = Path(ev.run_dir) if ev.run_dir else path.resolve().parent
-    elif ev.all_checkpoints or ev.follow:
-        run_dir = Path(ev.run_dir or extra.get("output_dir") or "")
-        if not run_dir.is_dir():
-            raise ConfigError(f"setting 'run_dir' = {str(run_dir)!r}: no such directory; set OUTPUT_DIR (or "
-                              f"--run_dir) to the training run's output directory.")
+        given = any(arg == "--output_dir" or arg.startswith("--output_dir=") for arg in argv)  # not the config's
+        output_dir = Path(options.output_dir) if given else path.resolve().parent
+    elif options.all_checkpoints or options.follow:
+        output_dir = Path(options.output_dir or "")
+        if not output_dir.is_dir():
+            raise ConfigError(f"setting 'output_dir' = {str(output_dir)!r}: no such directory; set OUTPUT_DIR (or "
+                              f"--output_dir) to the training run's output directory.")
     else:
         raise ConfigError("setting 'checkpoint' is unset: pass --checkpoint DIR, or --all_checkpoints.")
-    settings = results.eval_settings(model_args, data, gen, check_template(model_args, data))
-    return EvalJob(model_args, data, lora, gen, ev, run_dir, single, settings, results.fingerprint(settings))
+    settings = scoring_settings(model, data, generation, check_template(model, data))
+    return EvalJob(model, data, lora, generation, options, output_dir, single, settings, fingerprint(settings))

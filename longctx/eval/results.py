@@ -1,18 +1,16 @@
 """The results store: RUN_DIR/eval_results.jsonl (one row per scored checkpoint) and CHECKPOINT/eval_predictions.jsonl.
 
-A row is reused instead of scored again when its eval_fingerprint, a hash of everything that changes the
-predictions or their scores (validation file content, prompt settings, the chat template's sha256, model and
-generation settings, the scoring packages' versions), equals the current one. Rows are
+A row is reused instead of scored again when its eval_fingerprint (longctx.eval.job.scoring_settings: a hash of
+everything that changes the predictions or their scores) equals the current one. Rows are
 written by rewriting the whole file beside and renaming it over the old one, under an exclusive lock of the run
 directory, so a run killed at any moment leaves whole rows only, and two evaluations of one run never lose each
-other's rows. `longctx.report`'s command line reads rows through `read_results` too.
+other's rows. `longctx.eval.report`'s command line reads rows through `read_results` too.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -20,44 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..files import sha256_file, write_atomic
-from ..metrics import scoring_version
+from ..run.layout import PREDICTIONS_FILE, RESULTS_FILE
+from ..utils.atomic_write import write_atomic
 
 if TYPE_CHECKING:
-    from ..checkpoints import Checkpoint
-    from ..settings import DataArguments, GenerationArguments, ModelArguments
+    from ..run.checkpoints import Checkpoint
     from .generation import Prediction, Prompt
-
-RESULTS_FILE = "eval_results.jsonl"
-PREDICTIONS_FILE = "eval_predictions.jsonl"
-PROMPT_SETTINGS = ("max_eval_samples", "document_field", "summary_field", "id_field", "instruction", "system_prompt",
-                   "max_seq_length", "length_policy")
-
-
-def eval_settings(model_args: ModelArguments, data: DataArguments, gen: GenerationArguments,
-                  template: dict[str, str]) -> dict:
-    """Everything that changes the predictions or their scores. A row scored with equal settings is reused instead of
-    scored again. `template`: longctx.chat.template_record (the template's path and the sha256 of its text)."""
-    from ..modeling import resolve_dtype  # torch: only where settings are resolved, not for reading rows
-
-    return {
-        "validation_sha256": sha256_file(data.validation_file),
-        **{name: getattr(data, name) for name in PROMPT_SETTINGS},
-        "model_name_or_path": model_args.model_name_or_path,
-        "tokenizer_name_or_path": model_args.tokenizer_name_or_path,
-        "chat_template": template["chat_template"], "chat_template_sha256": template["chat_template_sha256"],
-        "dtype": str(resolve_dtype(model_args.torch_dtype)).replace("torch.", ""),
-        # only when set, so the rows of runs without it keep their fingerprint
-        **({"rope_yarn_factor": model_args.rope_yarn_factor} if model_args.rope_yarn_factor else {}),
-        "max_new_tokens": gen.max_new_tokens,
-        "generation_batch_size": gen.generation_batch_size,
-        "decoding": "greedy",
-        "scoring": scoring_version(),
-    }
-
-
-def fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 def read_results(path: str | Path, warn: Callable[[str], None] = print) -> list[dict]:

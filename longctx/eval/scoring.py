@@ -1,27 +1,32 @@
 """The scoring loop: what to score now (complete checkpoints not yet scored with these settings), each checkpoint's
 predictions on every rank, its results row, W&B and the report on rank 0. Every step where the other ranks wait for
-rank 0, or for each other, goes through `ranks`, so a failure anywhere stops every rank."""
+rank 0, or for each other, goes through `rank_failures`, so a failure anywhere stops every rank."""
 
 from __future__ import annotations
 
+import functools
+import json
+import socket
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from .. import checkpoints, report
-from ..checkpoints import FINAL_ADAPTER, Checkpoint
-from ..config import ConfigError
-from ..distributed import print0, teardown
-from ..metrics import ROUGE_TYPES, rouge_with_intervals
+from .. import exit_status
+from ..errors import ConfigError
 from ..planner.evaluation import shared_gpus_warning
-from ..planner.runplan import EXIT_BAD_CONFIG, EXIT_DOES_NOT_FIT, make_evaluation_plan
-from ..rundir import RUN_INFO, visible_gpus
-from . import ranks, results
+from ..planner.runplan import make_evaluation_plan
+from ..run import checkpoints
+from ..run.checkpoints import Checkpoint
+from ..run.directory import visible_gpus
+from ..run.layout import FINAL_ADAPTER, RUN_INFO
+from ..utils.distributed import print0, teardown
+from . import rank_failures, report, results
 from .generation import Evaluator, Prediction
 from .job import EvalJob
+from .metrics import ROUGE_TYPES, rouge_with_intervals
 from .wandb_log import WandbLogger
 
 
@@ -48,16 +53,16 @@ def pending_checkpoints(job: EvalJob, done: set[str], warn: WarnOnce) -> tuple[l
     if job.single:
         found = [job.single]
     else:  # checkpoints already scored (or scored by this invocation) are not verified again
-        found = checkpoints.find_checkpoints(job.run_dir, warn=warn,
-                                             known_complete=done if job.ev.force else already | done)
-    if not found and not job.ev.follow:
-        raise ConfigError(f"setting 'run_dir' = {str(job.run_dir)!r}: holds no complete checkpoint yet; wait "
+        found = checkpoints.find_checkpoints(job.output_dir, warn=warn,
+                                             known_complete=done if job.options.force else already | done)
+    if not found and not job.options.follow:
+        raise ConfigError(f"setting 'output_dir' = {str(job.output_dir)!r}: holds no complete checkpoint yet; wait "
                           f"for training to save one, or add --follow to score them as they appear.")
     todo, skipped = [], []
     for ckpt in found:
         if ckpt.name in done:
             continue
-        if ckpt.name in already and not job.ev.force:
+        if ckpt.name in already and not job.options.force:
             skipped.append(ckpt.name)
             done.add(ckpt.name)
         else:
@@ -84,11 +89,12 @@ def results_row(job: EvalJob, ckpt: Checkpoint, evaluator: Evaluator, prediction
         **prediction_counts(predictions),
         "num_references_over_max_new_tokens": evaluator.references_over,
         "reference_tokens_p95": evaluator.reference_tokens_p95,
-        "validation_file": job.data.validation_file, "validation_sha256": job.settings["validation_sha256"],
-        "chat_template": job.settings["chat_template"], "chat_template_sha256": job.settings["chat_template_sha256"],
-        "generation": evaluator.generation, "eval_fingerprint": job.fingerprint,
+        "validation_file": job.data.validation_file, "validation_sha256": job.scoring_settings["validation_sha256"],
+        "chat_template": job.scoring_settings["chat_template"],
+        "chat_template_sha256": job.scoring_settings["chat_template_sha256"],
+        "generation": evaluator.generation_used, "eval_fingerprint": job.fingerprint,
         "checkpoint_path": str(ckpt.path.resolve()), "num_processes": num_processes,
-        "seconds": round(seconds, 2), "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 2), "scored_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -99,7 +105,7 @@ def finish_report(job: EvalJob) -> list[dict]:
     if not rows:
         print0("no results with these settings yet")
         return rows
-    paths = report.write_report(job.run_dir, rows)
+    paths = report.write_report(job.output_dir, rows)
     print0(report.format_table(rows))
     others = len(every_row) - len(rows)
     if others:
@@ -116,25 +122,25 @@ class Scoring:
 
     def __init__(self, job: EvalJob, state):
         self.job, self.state = job, state
-        self.evaluator = Evaluator(job.model_args, job.data, job.gen, state, plan=self.plan_evaluation)
-        self.warn = WarnOnce(job.ev.follow)
+        self.evaluator = Evaluator(job, state, plan=self.plan_evaluation)
+        self.warn = WarnOnce(job.options.follow)
         self.logger: WandbLogger | None = None
         self.done: set[str] = set()
         self.last_new = time.monotonic()
 
     def next_round(self) -> tuple[list[Checkpoint], bool, int]:
         """Rank 0: (checkpoints to score now, whether to stop after them, exit status)."""
-        ev = self.job.ev
+        options = self.job.options
         todo, final_found = pending_checkpoints(self.job, self.done, self.warn)
-        stop, status = not ev.follow or final_found, 0
+        stop, status = not options.follow or final_found, 0
         if todo:
             self.last_new = time.monotonic()
-            print0(f"scoring {len(todo)} checkpoint(s) of {self.job.run_dir} on {self.job.data.validation_file} "
+            print0(f"scoring {len(todo)} checkpoint(s) of {self.job.output_dir} on {self.job.data.validation_file} "
                    f"with {self.state.num_processes} process(es): {', '.join(c.name for c in todo)}")
-        elif ev.follow and ev.follow_timeout_seconds is not None and \
-                time.monotonic() - self.last_new > ev.follow_timeout_seconds:
-            print0(f"--follow: no new checkpoint in {ev.follow_timeout_seconds:g} s and no {FINAL_ADAPTER} in "
-                   f"{self.job.run_dir}; stopping (did training stop early?). Rerun to score what appears later.",
+        elif options.follow and options.follow_timeout_seconds is not None and \
+                time.monotonic() - self.last_new > options.follow_timeout_seconds:
+            print0(f"--follow: no new checkpoint in {options.follow_timeout_seconds:g} s and no {FINAL_ADAPTER} in "
+                   f"{self.job.output_dir}; stopping (did training stop early?). Rerun to score what appears later.",
                    file=sys.stderr)
             stop, status = True, 1
         return todo, stop, status
@@ -147,23 +153,23 @@ class Scoring:
         job = self.job
         cuda = torch.cuda.is_available()
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 80.0
-        scorings = 1 if job.single else len(checkpoints.checkpoint_dirs(job.run_dir))
-        plan = make_evaluation_plan((job.model_args, job.lora, job.gen), prompt_tokens, self.state.num_processes,
+        scorings = 1 if job.single else len(checkpoints.checkpoint_dirs(job.output_dir))
+        plan = make_evaluation_plan(job.model, job.lora, job.generation, prompt_tokens, self.state.num_processes,
                                     gpu_memory_gib=gpu_gib, checkpoints=max(scorings, 1),
                                     where=f" in {job.data.validation_file}")
-        if plan.exit_status == EXIT_BAD_CONFIG:
+        if plan.exit_status == exit_status.BAD_INPUT:
             raise ConfigError(plan.text.removeprefix("error: "))
         if not cuda:
             print0(f"evaluation plan: CPU, {len(prompt_tokens)} prompts, the longest {max(prompt_tokens):,} tokens "
-                   f"+ max_new_tokens {job.gen.max_new_tokens}, within the model's context (PLAN=1 of training "
+                   f"+ max_new_tokens {job.generation.max_new_tokens}, within the model's context (PLAN=1 of training "
                    f"prints the GPU plan)")
             return
         print0(plan.text)
-        if plan.exit_status == EXIT_DOES_NOT_FIT:
+        if plan.exit_status == exit_status.DOES_NOT_FIT:
             print0("warning: the evaluation plan above does not fit one GPU; lower generation_batch_size or "
                    "max_new_tokens, or expect an out-of-memory error", file=sys.stderr)
-        if job.ev.follow:
-            warning = follow_warning(job.run_dir)
+        if job.options.follow:
+            warning = follow_warning(job.output_dir)
             if warning:
                 print0(warning, file=sys.stderr)
 
@@ -171,9 +177,9 @@ class Scoring:
         """Rank 0: predictions file, W&B, results row, and the line that says the checkpoint is scored."""
         row = results_row(self.job, ckpt, self.evaluator, predictions, seconds, self.state.num_processes)
         results.write_predictions(ckpt, self.evaluator.prompts, predictions, print0)
-        if "wandb" in self.job.ev.report_to:
-            self.logger = self.logger or WandbLogger(self.job.run_dir, self.job.ev.run_name, self.job.fingerprint,
-                                                     self.job.ev.force)
+        if "wandb" in self.job.options.report_to:
+            self.logger = self.logger or WandbLogger(self.job.output_dir, self.job.options.run_name, self.job.fingerprint,
+                                                     self.job.options.force)
             self.logger.log(row, self.evaluator.prompts, [p.text for p in predictions])
         results.save_row(self.job.results_path, row, print0)
         print0(f"scored {ckpt.name} (step {ckpt.global_step}): "
@@ -185,27 +191,24 @@ class Scoring:
     def run(self) -> int:
         """Score until nothing is left (with --follow: until final_adapter is scored). Returns the exit status."""
         while True:
-            todo, stop, status = ranks.from_main(self.state, "looking for checkpoints", self.next_round)
+            todo, stop, status = rank_failures.from_main(self.state, "looking for checkpoints", self.next_round)
             for ckpt in todo:
                 start = time.perf_counter()
                 predictions = self.evaluator.predict(ckpt)
                 self.done.add(ckpt.name)
                 seconds = time.perf_counter() - start
-                ranks.from_main(self.state, f"writing the results of {ckpt.name}",
-                                lambda: self.record(ckpt, predictions, seconds))
+                rank_failures.from_main(self.state, f"writing the results of {ckpt.name}",
+                                functools.partial(self.record, ckpt, predictions, seconds))
             if stop:
                 break
-            time.sleep(self.job.ev.follow_poll_seconds)
-        ranks.from_main(self.state, "writing the report", lambda: finish_report(self.job))
+            time.sleep(self.job.options.follow_poll_seconds)
+        rank_failures.from_main(self.state, "writing the report", lambda: finish_report(self.job))
         return status
 
 
 def follow_warning(run_dir: Path) -> str | None:
     """--follow alongside a training run that is still going (no final_adapter) on this machine: the warning naming
     the GPUs both would use (run_info.json records the training's machine and GPUs), or None."""
-    import json
-    import socket
-
     try:
         machine = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8")).get("machine", {})
     except (OSError, ValueError):

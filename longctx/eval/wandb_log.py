@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..distributed import print0
-from ..files import write_atomic
-from ..metrics import rouge_per_example
-from ..tracking import WANDB_RUN  # written by training with the W&B run's id and project
+from ..run.layout import WANDB_RUN  # written by training with the W&B run's id and project
+from ..utils.atomic_write import write_atomic
+from ..utils.distributed import print0
+from .metrics import rouge_per_example
 
 if TYPE_CHECKING:
     from .generation import Prompt

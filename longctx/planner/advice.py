@@ -78,11 +78,9 @@ def suggestions(s: StepShape, gpu_memory_gib: float, tokens_per_sample: int) -> 
 def _sp_sizes(s: StepShape) -> list[int]:
     """The sequence_parallel_size values this step could use: ones the heads allow that divide the GPUs, under
     DeepSpeed (Ulysses needs it)."""
-    from ..config import sp_sizes
-
     if s.zero_stage == 0:
         return []
-    return [n for n in sp_sizes(s.arch.num_attention_heads, s.arch.num_key_value_heads) if s.world_size % n == 0]
+    return [n for n in s.arch.sp_sizes() if s.world_size % n == 0]
 
 
 def _verdict(memory: MemoryEstimate, gpu_memory_gib: float | None, tokens_per_sample: int) -> list[str]:

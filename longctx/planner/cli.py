@@ -3,7 +3,7 @@
     python -m longctx.planner --config experiments/009_text_summary/config.yaml [--gpu_memory_gib 80] [--setting value]
     PLAN=1 bash experiments/009_text_summary/launch_train.sh          # the launcher runs it before every launch
 
-The config and flags go through longctx.config.parse_config with training's own dataclasses (+ PlannerArguments),
+The config and flags go through longctx.config.parse_settings with training's own dataclasses (+ MachineArguments),
 so every setting, flag and typo is treated exactly as training treats it; only the bf16-GPU check of this machine is
 left out (the plan is for the machine the settings are meant for). The architecture comes from a local model
 directory's config.json, the local hub cache, or the experiment's model_architecture.json: nothing is downloaded.
@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ConfigError, build_parser, parse_config
+from .. import exit_status
+from ..config import build_parser, parse_settings
+from ..errors import ConfigError
 from ..settings import DATACLASSES
-from .runplan import EXIT_BAD_CONFIG, EXIT_DOES_NOT_FIT, EXIT_GO, PlannerArguments, RunPlan, make_run_plan
-
-PLANNER_DATACLASSES = (*DATACLASSES, PlannerArguments)
-__all__ = ["EXIT_BAD_CONFIG", "EXIT_DOES_NOT_FIT", "EXIT_GO", "PLANNER_DATACLASSES", "PlannerArguments", "RunPlan",
-           "main", "make_run_plan"]
+from .runplan import MachineArguments, make_run_plan
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -33,7 +31,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def print_help() -> None:
-    parser = build_parser(PLANNER_DATACLASSES)
+    parser = build_parser((*DATACLASSES, MachineArguments))
     parser.prog, parser.description, parser.formatter_class = "python -m longctx.planner", __doc__, _HelpFormatter
     parser.print_help()
 
@@ -42,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print_help()
-        return EXIT_GO
+        return exit_status.OK
     try:
-        parsed, config_path, _ = parse_config(argv, PLANNER_DATACLASSES, check_this_machine=False)
+        settings, (machine,) = parse_settings(argv, extra_groups=(MachineArguments,), check_this_machine=False)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_BAD_CONFIG
-    plan = make_run_plan(parsed, config_path)
-    print(plan.text, file=sys.stderr if plan.exit_status == EXIT_BAD_CONFIG else sys.stdout, flush=True)
+        return exit_status.BAD_INPUT
+    plan = make_run_plan(settings, machine)
+    print(plan.text, file=sys.stderr if plan.exit_status == exit_status.BAD_INPUT else sys.stdout, flush=True)
     return plan.exit_status

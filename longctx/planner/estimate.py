@@ -39,7 +39,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .architecture import Architecture
+from ..model.architecture import Architecture
 
 GIB = 2**30
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -21,8 +21,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..config import ConfigError
-from .architecture import Architecture
+from ..errors import ConfigError
+from ..model.architecture import Architecture
 from .estimate import CUDA_CONTEXT_BYTES, GIB, Part, human_bytes
 from .flops import decode_seconds, forward_flops, human_duration, kv_bytes_per_token
 

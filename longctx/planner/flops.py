@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .architecture import Architecture
+from ..model.architecture import Architecture
 
 # Until docs/benchmarks.md holds a GPU measurement (benchmarks/gpu_long_context.py prints MFU on model FLOPs; the
 # figure here is that MFU x executed / model FLOPs of the measured run), the utilisation is an assumption: the

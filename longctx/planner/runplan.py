@@ -1,6 +1,6 @@
 """The run plan: everything checkable about a training run before a GPU is taken, as one text and an exit status.
 
-    make_run_plan(parsed, config_path, options) -> RunPlan(text, exit_status)
+    make_run_plan(settings, machine) -> RunPlan(text, exit_status)
 
 `python -m longctx.planner` prints it, and the launcher runs it before every launch (PLAN=check) or alone (PLAN=1):
 the same settings give the same text wherever it runs, because the GPU count comes from the launch (--num_gpus,
@@ -20,32 +20,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from transformers import TrainingArguments
-
-from ..config import ConfigError, by_type, validate_attention_masks, validate_memory, validate_sequence_parallel
-from ..records import DataError
-from ..sequence_parallel import padded_length
-from ..settings import (DataArguments, GenerationArguments, LoraArguments, MemoryArguments, ModelArguments,
-                        PlanArguments)
+from .. import exit_status
+from ..config import validate_attention_masks, validate_memory, validate_sequence_parallel
+from ..errors import ConfigError, DataError
+from ..model.architecture import load_architecture, with_rope_yarn
+from ..model.sequence_parallel import padded_length
+from ..settings import GenerationArguments, LoraArguments, ModelArguments, PlanArguments, Settings
 from .advice import fits, format_estimate
-from .architecture import ArchitectureError, load_architecture, with_rope_yarn
 from .corpus import load_corpus
-from .estimate import (GIB, LORA_MODULES, StepShape, adapter_parameters, estimate, human_bytes,
-                       lora_parameter_count)
-from .evaluation import (EvalMemory, check_context_length, evaluation_memory, evaluation_seconds,
-                         format_evaluation)
+from .estimate import GIB, LORA_MODULES, StepShape, adapter_parameters, estimate, human_bytes, lora_parameter_count
+from .evaluation import EvalMemory, check_context_length, evaluation_memory, evaluation_seconds, format_evaluation
 from .flops import default_mfu, training_flops
 from .host import format_host, host_memory
-from .schedule import (Batching, Pace, checkpoint_bytes, eval_seconds, format_schedule, sample_seconds, schedule,
-                       warnings)
-
-EXIT_GO, EXIT_BAD_CONFIG, EXIT_DOES_NOT_FIT = 0, 2, 3
+from .schedule import (
+    Batching,
+    Pace,
+    checkpoint_bytes,
+    eval_seconds,
+    format_schedule,
+    sample_seconds,
+    schedule,
+    warnings,
+)
 
 
 @dataclass
-class PlannerArguments:
-    """Options of the planner only, facts about the machine a launcher knows; every other setting is training's
-    own (PlanArguments among them)."""
+class MachineArguments:
+    """What the plan assumes of the machine and the launch, which the settings do not say: the launcher passes what
+    it knows; `python -m longctx.planner` takes them as flags. The experiment's own plan_* settings are
+    PlanArguments."""
 
     gpu_memory_gib: float = field(
         default=80.0, metadata={"help": "Memory of one GPU in GiB (the launcher passes the real one; default: the "
@@ -73,11 +76,11 @@ class PlannerArguments:
 
 @dataclass
 class RunPlan:
-    text: str            # what is printed (an "error: ..." line when exit_status is 2)
-    exit_status: int     # 0 go, 3 does not fit (GPU or host memory), 2 bad setting
+    text: str            # what is printed (an "error: ..." line when exit_status is BAD_INPUT)
+    exit_status: int     # longctx.exit_status: OK, DOES_NOT_FIT (GPU or host memory), BAD_INPUT
 
 
-def planned_gpus(options: PlannerArguments, plan: PlanArguments, env=os.environ) -> tuple[int, str]:
+def planned_gpus(options: MachineArguments, plan: PlanArguments, env=os.environ) -> tuple[int, str]:
     """(GPUs of the plan, where that number comes from): the launch's when it is known, else the experiment's."""
     if options.num_gpus:
         return options.num_gpus, "--num_gpus"
@@ -120,13 +123,18 @@ def lora_targets(lora: LoraArguments) -> tuple[str, ...]:
     return tuple(LORA_MODULES if lora.lora_target_modules == ["all-linear"] else lora.lora_target_modules)
 
 
-def step_shape_from_settings(args: dict[type, Any], options: PlannerArguments, config_path: str | None,
-                             world: int) -> tuple[StepShape, str]:
+def experiment_dir_of(settings: Settings, options: MachineArguments) -> Path | None:
+    """Where model_architecture.json and ds_config_zero2.json are: --experiment_dir, else the config's folder."""
+    if options.experiment_dir:
+        return Path(options.experiment_dir)
+    return Path(settings.config_path).resolve().parent if settings.config_path else None
+
+
+def step_shape_from_settings(settings: Settings, options: MachineArguments, world: int) -> tuple[StepShape, str]:
     """(the step's shape on one GPU, the title of the memory plan)."""
-    model, data, lora = args[ModelArguments], args[DataArguments], args[LoraArguments]
-    memory, gen, training = args[MemoryArguments], args[GenerationArguments], args[TrainingArguments]
-    experiment_dir = (Path(options.experiment_dir) if options.experiment_dir
-                      else Path(config_path).resolve().parent if config_path else None)
+    model, data, lora = settings.model, settings.data, settings.lora
+    memory, generation, training = settings.memory, settings.generation, settings.training
+    experiment_dir = experiment_dir_of(settings, options)
     arch = with_rope_yarn(load_architecture(model.model_name_or_path, experiment_dir), model.rope_yarn_factor)
     ds, ds_path = _deepspeed_config(training.deepspeed, experiment_dir, options.device)
     zero_settings = ds.get("zero_optimization", {})
@@ -143,7 +151,7 @@ def step_shape_from_settings(args: dict[type, Any], options: PlannerArguments, c
         attention = "flash_attention_2/sdpa" if options.device == "cuda" else "sdpa"
     targets = lora_targets(lora)
     batch = training.per_device_train_batch_size
-    labels = options.label_tokens if options.label_tokens is not None else gen.max_new_tokens
+    labels = options.label_tokens if options.label_tokens is not None else generation.max_new_tokens
     sp = memory.sequence_parallel_size
     if sp != 1:
         validate_sequence_parallel(memory, model, data, world, zero_settings if ds_path else None, ds_path, arch)
@@ -163,32 +171,30 @@ def step_shape_from_settings(args: dict[type, Any], options: PlannerArguments, c
     return shape, title
 
 
-def make_run_plan(parsed, config_path: str | None, options: PlannerArguments | None = None,
+def make_run_plan(settings: Settings, options: MachineArguments | None = None,
                   record_counts: dict[str, int] | None = None) -> RunPlan:
-    """The run plan of parsed settings (longctx.config.parse_config's dataclasses, PlanArguments included).
-    `options`: the machine facts (else the PlannerArguments among `parsed`, else defaults); `record_counts`:
-    {"train": n, "validation": n} already counted by longctx.records.check_records, so the files are not read
-    again. Bad settings or data come back as exit status 2 with one "error: ..." line; nothing raises."""
+    """The run plan of an experiment's settings on a machine (`options`; None: the defaults). `record_counts`:
+    {"train": n, "validation": n} already counted by longctx.data.records.check_records, so the files are not read
+    again. Bad settings or data come back as BAD_INPUT with one "error: ..." line; nothing raises."""
     try:
-        return _make_run_plan(by_type(parsed), config_path, options, record_counts or {})
-    except (ConfigError, ArchitectureError, DataError) as err:
-        return RunPlan(f"error: {err}", EXIT_BAD_CONFIG)
+        return _make_run_plan(settings, options or MachineArguments(), record_counts or {})
+    except (ConfigError, DataError) as err:
+        return RunPlan(f"error: {err}", exit_status.BAD_INPUT)
 
 
-def _make_run_plan(args, config_path, options, record_counts) -> RunPlan:
-    options = options or args.get(PlannerArguments) or PlannerArguments()
-    model, data, gen = args[ModelArguments], args[DataArguments], args[GenerationArguments]
-    training, memory_args = args[TrainingArguments], args[MemoryArguments]
-    plan = args.get(PlanArguments, PlanArguments())
-    validate_memory(memory_args, training)
-    validate_attention_masks(model, data, gen)
+def _make_run_plan(settings: Settings, options: MachineArguments, record_counts: dict[str, int]) -> RunPlan:
+    model, data, generation = settings.model, settings.data, settings.generation
+    training, memory, plan = settings.training, settings.memory, settings.plan
+    validate_memory(memory, training)
+    validate_attention_masks(model, data, generation)
     gpus, gpus_source = planned_gpus(options, plan)
-    shape, title = step_shape_from_settings(args, options, config_path, gpus)
+    shape, title = step_shape_from_settings(settings, options, gpus)
     step_memory = estimate(shape)
     cuda = shape.device == "cuda"
     limit = options.gpu_memory_gib if cuda else None
-    status = EXIT_DOES_NOT_FIT if limit is not None and not fits(step_memory, limit) else EXIT_GO
+    status = exit_status.DOES_NOT_FIT if limit is not None and not fits(step_memory, limit) else exit_status.OK
     devices = f"{gpus} GPU(s)" if cuda else f"{gpus} process(es) (CPU)"
+    config_path = settings.config_path
     lines = [f"Run plan for {shown_path(config_path) if config_path else 'the command line'}: "
              f"{model.model_name_or_path} on {devices} ({gpus_source})",
              format_estimate(step_memory, limit, title, data.max_seq_length)]
@@ -212,7 +218,7 @@ def _make_run_plan(args, config_path, options, record_counts) -> RunPlan:
         host_lines, host_fits = format_host(host, tokens_of, options.host_memory_gib,
                                             f"then {human_bytes(kept_on_gpu)} per GPU: {verdict} in {limit:g} GiB")
         lines.append("\n".join(host_lines))
-        status = status if host_fits else EXIT_DOES_NOT_FIT
+        status = status if host_fits else exit_status.DOES_NOT_FIT
 
     warned: list[str] = []
     context = shape.arch.max_position_embeddings
@@ -229,17 +235,17 @@ def _make_run_plan(args, config_path, options, record_counts) -> RunPlan:
                       f"{data.max_seq_length:,} and dropped (length_policy: drop): training would stop; raise "
                       f"max_seq_length, set length_policy: truncate_document, or correct plan_tokens_per_sample")
     else:
-        lines.append("\n".join(_schedule_and_evaluation(args, shape, options, plan, (gpus, devices), train,
+        lines.append("\n".join(_schedule_and_evaluation(settings, shape, options, (gpus, devices), train,
                                                         validation, warned)))
     if warned:
         lines.append("\n".join(["Warnings:"] + [f"  - {w}" for w in warned]))
     return RunPlan("\n".join(lines), status)
 
 
-def _schedule_and_evaluation(args, shape: StepShape, options: PlannerArguments, plan: PlanArguments,
+def _schedule_and_evaluation(settings: Settings, shape: StepShape, options: MachineArguments,
                              gpus_and_name: tuple[int, str], train, validation, warned: list[str]) -> list[str]:
     """The schedule and time lines, then (on a GPU) the evaluation plan; warnings go to `warned`."""
-    gen, training = args[GenerationArguments], args[TrainingArguments]
+    generation, training, plan = settings.generation, settings.training, settings.plan
     gpus, devices = gpus_and_name
     arch, lora = shape.arch, lora_parameter_count(shape)
     batching = Batching(
@@ -252,7 +258,7 @@ def _schedule_and_evaluation(args, shape: StepShape, options: PlannerArguments, 
         eval_steps=training.eval_steps, eval_delay=training.eval_delay or 0,
         per_device_eval_batch=training.per_device_eval_batch_size, sp=shape.sp_size)
     run = schedule(train.kept, batching)
-    labels = options.label_tokens if options.label_tokens is not None else gen.max_new_tokens
+    labels = options.label_tokens if options.label_tokens is not None else generation.max_new_tokens
     deepspeed = shape.zero_stage > 0
     ckpt = checkpoint_bytes(lora, deepspeed, training.save_only_model)
     pace, basis = None, ["not estimated for a CPU run (plan_mfu and plan_gpu_peak_tflops describe a GPU)"]
@@ -274,7 +280,7 @@ def _schedule_and_evaluation(args, shape: StepShape, options: PlannerArguments, 
     lines = format_schedule(run, batching, train, validation, pace, ckpt, basis, devices)
     warned += warnings(run, pace)
     if shape.device == "cuda":
-        lines += _evaluation_lines(args, shape, options, gpus, validation, len(run.checkpoints) + 1, warned)
+        lines += _evaluation_lines(settings, shape, options, gpus, validation, len(run.checkpoints) + 1, warned)
     return lines
 
 
@@ -282,62 +288,61 @@ def _flops(value: float) -> str:
     return f"{value:.3g}".replace("e+", "e")
 
 
-def make_evaluation_plan(parsed, prompt_tokens: Sequence[int], gpus: int,
-                         experiment_dir: str | os.PathLike | None = None, gpu_memory_gib: float = 80.0,
-                         checkpoints: int = 1, where: str = "") -> RunPlan:
+def make_evaluation_plan(model: ModelArguments, lora: LoraArguments, generation: GenerationArguments,
+                         prompt_tokens: Sequence[int], gpus: int, experiment_dir: str | os.PathLike | None = None,
+                         gpu_memory_gib: float = 80.0, checkpoints: int = 1, where: str = "",
+                         plan: PlanArguments | None = None) -> RunPlan:
     """The evaluation plan of eval_checkpoint.py / eval_all_checkpoints.sh from the tokenized validation prompts (a
-    tokenizer, no weights), for `gpus` evaluation processes scoring `checkpoints` adapters. Exit status 2 with one
+    tokenizer, no weights), for `gpus` evaluation processes scoring `checkpoints` adapters. BAD_INPUT with one
     "error: ..." line when a prompt + max_new_tokens runs past max_position_embeddings (`where` names the file in
-    it), 3 when it does not fit one GPU of `gpu_memory_gib`, else 0. `parsed` needs ModelArguments, LoraArguments
-    and GenerationArguments (PlanArguments, when present, give the MFU)."""
-    args = by_type(parsed)
-    model, gen = args[ModelArguments], args[GenerationArguments]
+    it), DOES_NOT_FIT when it does not fit one GPU of `gpu_memory_gib`, else OK. `plan` gives the MFU."""
     try:
         arch = with_rope_yarn(load_architecture(model.model_name_or_path, experiment_dir), model.rope_yarn_factor)
         longest = max(prompt_tokens)
-        check_context_length(arch, longest, gen.max_new_tokens, where)
-    except (ConfigError, ArchitectureError) as err:
-        return RunPlan(f"error: {err}", EXIT_BAD_CONFIG)
+        check_context_length(arch, longest, generation.max_new_tokens, where)
+    except ConfigError as err:
+        return RunPlan(f"error: {err}", exit_status.BAD_INPUT)
     weight_bytes = 4 if model.torch_dtype == "float32" else 2
-    lora = adapter_parameters(arch, args[LoraArguments].lora_r, lora_targets(args[LoraArguments]))
-    lines, memory = _evaluation_section(args, arch, weight_bytes, lora, prompt_tokens, (longest, "longest prompt"),
-                                        gpus, gpu_memory_gib, checkpoints)
-    return RunPlan("\n".join(lines), EXIT_GO if memory.peak_bytes <= gpu_memory_gib * GIB else EXIT_DOES_NOT_FIT)
+    adapter = adapter_parameters(arch, lora.lora_r, lora_targets(lora))
+    lines, memory = _evaluation_section(model, generation, plan or PlanArguments(), arch, weight_bytes, adapter,
+                                        prompt_tokens, (longest, "longest prompt"), gpus, gpu_memory_gib, checkpoints)
+    fits_one_gpu = memory.peak_bytes <= gpu_memory_gib * GIB
+    return RunPlan("\n".join(lines), exit_status.OK if fits_one_gpu else exit_status.DOES_NOT_FIT)
 
 
-def _evaluation_section(args, arch, weight_bytes: int, lora: int, prompts: Sequence[int], longest: tuple[int, str],
-                        gpus: int, gpu_memory_gib: float, scorings: int) -> tuple[list[str], EvalMemory]:
+def _evaluation_section(model: ModelArguments, generation: GenerationArguments, plan: PlanArguments, arch,
+                        weight_bytes: int, lora: int, prompts: Sequence[int], longest: tuple[int, str], gpus: int,
+                        gpu_memory_gib: float, scorings: int) -> tuple[list[str], EvalMemory]:
     """The evaluation plan's lines and memory; `longest`: (tokens of the longest prompt, where that comes from)."""
-    model, gen = args[ModelArguments], args[GenerationArguments]
-    plan = args.get(PlanArguments, PlanArguments())
     flash = model.attn_implementation in ("auto", "flash_attention_2")  # auto without flash-attn: validated
-    memory = evaluation_memory(arch, longest[0], gen.max_new_tokens, gen.generation_batch_size, weight_bytes, lora,
+    memory = evaluation_memory(arch, longest[0], generation.max_new_tokens, generation.generation_batch_size, weight_bytes, lora,
                                flash)
     mfu, _ = default_mfu(plan.plan_mfu)
-    seconds = evaluation_seconds(arch, prompts, gen.max_new_tokens, gen.generation_batch_size, gpus,
+    seconds = evaluation_seconds(arch, prompts, generation.max_new_tokens, generation.generation_batch_size, gpus,
                                  mfu * plan.plan_gpu_peak_tflops * 1e12, weight_bytes, lora)
     header = (f"Evaluation plan per GPU (eval_checkpoint.py / eval_all_checkpoints.sh): the longest prompt "
-              f"{longest[0]:,} tokens ({longest[1]}) + max_new_tokens {gen.max_new_tokens}, generation_batch_size "
-              f"{gen.generation_batch_size}")
+              f"{longest[0]:,} tokens ({longest[1]}) + max_new_tokens {generation.max_new_tokens}, generation_batch_size "
+              f"{generation.generation_batch_size}")
     return format_evaluation(memory, gpu_memory_gib, seconds, len(prompts), gpus, scorings, header), memory
 
 
-def _evaluation_lines(args, shape: StepShape, options: PlannerArguments, gpus: int, validation, scorings: int,
-                      warned: list[str]) -> list[str]:
+def _evaluation_lines(settings: Settings, shape: StepShape, options: MachineArguments, gpus: int, validation,
+                      scorings: int, warned: list[str]) -> list[str]:
     """The run plan's evaluation section: the longest validation prompt from the length cache, else bounded by
     max_seq_length; a prompt the evaluation would refuse is a warning here, not a stop."""
-    data, gen = args[DataArguments], args[GenerationArguments]
+    data, generation = settings.data, settings.generation
     arch = shape.arch
     known = validation.longest_prompt is not None
     longest = validation.longest_prompt if known else data.max_seq_length
     prompts = validation.prompt_lengths or validation.sample_tokens()
-    lines, memory = _evaluation_section(args, arch, shape.weight_bytes, lora_parameter_count(shape), prompts,
+    lines, memory = _evaluation_section(settings.model, generation, settings.plan, arch, shape.weight_bytes,
+                                        lora_parameter_count(shape), prompts,
                                         (longest, "length cache" if known else "max_seq_length: no length cache"),
                                         gpus, options.gpu_memory_gib, scorings)
     limit = arch.max_position_embeddings
-    if limit is not None and longest + gen.max_new_tokens > limit:
-        warned.append(f"evaluation refuses prompts over {limit - gen.max_new_tokens:,} tokens "
-                      f"(max_position_embeddings {limit:,} - max_new_tokens {gen.max_new_tokens})"
+    if limit is not None and longest + generation.max_new_tokens > limit:
+        warned.append(f"evaluation refuses prompts over {limit - generation.max_new_tokens:,} tokens "
+                      f"(max_position_embeddings {limit:,} - max_new_tokens {generation.max_new_tokens})"
                       + (f"; the longest validation prompt has {longest:,}" if known else
                          f"; samples up to max_seq_length {data.max_seq_length:,} may have such prompts"))
     if memory.peak_bytes > options.gpu_memory_gib * GIB:

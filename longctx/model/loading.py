@@ -1,0 +1,92 @@
+"""The base model (attention backend, dtype, YaRN RoPE scaling) + LoRA + the long-context memory switches (tiled MLP,
+activation offload), applied to the built model and TrainingArguments before the Trainer sees them. The tokenizer is
+longctx.data.tokenizer's."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..settings import LoraArguments, MemoryArguments, ModelArguments
+from .offload import enable_offload
+from .tiling import enable_tiled_mlp
+
+
+def resolve_attn_implementation(requested: str = "auto") -> str:
+    """flash_attention_2 when flash_attn imports on CUDA, else PyTorch SDPA (memory-efficient kernels, no seq x seq
+    matrix on GPU). An explicit request is honoured, and flash_attention_2 without its package is an error."""
+    has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
+        raise ValueError("setting 'attn_implementation' = 'flash_attention_2' needs CUDA and the flash-attn package "
+                         "(pip install flash-attn --no-build-isolation); use auto to fall back to sdpa.")
+    return requested
+
+
+def resolve_dtype(requested: str = "auto") -> torch.dtype:
+    if requested == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, requested)
+
+
+def apply_rope_yarn(config, factor: float | None) -> None:
+    """YaRN RoPE scaling on a model config (transformers' rope_parameters, rope_type yarn): `factor` over the
+    context the model was trained for, its max_position_embeddings, which becomes factor x that (so transformers'
+    own check of the implied factor agrees). The base frequency (rope_theta) stays the model's."""
+    if factor is None:
+        return
+    native = config.max_position_embeddings
+    theta = (config.rope_parameters or {}).get("rope_theta", getattr(config, "rope_theta", None))
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": theta, "factor": float(factor),
+                              "original_max_position_embeddings": native}
+    config.max_position_embeddings = int(native * factor)
+
+
+def load_base_model(model_args: ModelArguments, training: bool = True):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    attn = resolve_attn_implementation(model_args.attn_implementation)
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    apply_rope_yarn(config, model_args.rope_yarn_factor)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        config=config,
+        dtype=resolve_dtype(model_args.torch_dtype),
+        attn_implementation=attn,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if training:
+        model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def apply_lora(model, lora_args: LoraArguments):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = lora_args.lora_target_modules
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+    )
+    return get_peft_model(model, config)
+
+
+def apply_memory_switches(model, memory: MemoryArguments, training) -> list[str]:
+    """Apply MemoryArguments to the built (LoRA-wrapped) model and to the TrainingArguments the Trainer will get,
+    before the Trainer exists. Returns one line per switch for the run log."""
+    lines = []
+    if memory.tiled_mlp:
+        count = enable_tiled_mlp(model, memory.tiled_mlp_tile_tokens)
+        lines.append(f"tiled MLP: on ({count} layers, tiles of {memory.tiled_mlp_tile_tokens} tokens, DeepSpeed "
+                     f"TiledMLP; batches of at most {memory.tiled_mlp_tile_tokens} tokens run untiled)")
+    else:
+        lines.append("tiled MLP: off")
+    lines.append(enable_offload(training) if memory.offload_activations else "activation offload: off")
+    return lines
