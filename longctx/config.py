@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import difflib
 import enum
-import importlib.util
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from .settings import (
     ModelArguments,
     Settings,
 )
+from .utils.flash_attention import flash_attention_2_problem
 
 
 class SettingsParser(HfArgumentParser):
@@ -288,7 +288,7 @@ def validate_attention_masks(model: ModelArguments, data: DataArguments, gen: Ge
     sequence lengths) is in use: `auto` uses it when the flash_attn package is installed."""
     if gen.generation_batch_size == 1 or model.attn_implementation == "flash_attention_2":
         return
-    if model.attn_implementation == "auto" and importlib.util.find_spec("flash_attn") is not None:
+    if model.attn_implementation == "auto" and flash_attention_2_problem(need_cuda=False) is None:
         return
     tokens = data.max_seq_length + gen.max_new_tokens
     mask_bytes = gen.generation_batch_size * tokens ** 2

@@ -70,6 +70,7 @@ from .utils.distributed import (
     print0,
     rank,
     teardown,
+    use_timeout_for_new_groups,
 )
 from .utils.warning_filters import silence_unactionable_warnings
 
@@ -100,6 +101,7 @@ def setup(argv: list[str]) -> tuple[Settings, dict[str, str], PreemptionCallback
     validate(settings, world_size=int(os.environ.get("WORLD_SIZE", "1")),
              architecture=readable_architecture(settings.model.model_name_or_path, experiment_dir))
     template = check_template(settings.model, settings.data)
+    use_timeout_for_new_groups(settings.training.ddp_timeout)  # DeepSpeed's groups, made later: not NCCL's 10 min
     preemption = PreemptionCallback(settings.run.save_every_minutes)
     preemption.install()
     training = settings.training

@@ -15,6 +15,15 @@ default_wandb_mode() {
   if [[ -n "${WANDB_API_KEY:-}" ]] || grep -qs "api.wandb.ai" "$HOME/.netrc"; then echo online; else echo offline; fi
 }
 
+# PyTorch's CUDA allocator setting for training and evaluation alike: expandable segments (samples of every length up to
+# 262,144 tokens would otherwise leave cached blocks of earlier sizes that a longer sample cannot use), added to what
+# PYTORCH_ALLOC_CONF (or the older PYTORCH_CUDA_ALLOC_CONF) already holds; an explicit expandable_segments is kept.
+alloc_conf_with_expandable_segments() {
+  local conf="${PYTORCH_ALLOC_CONF:-${PYTORCH_CUDA_ALLOC_CONF:-}}"
+  [[ "$conf" == *expandable_segments* ]] || conf="${conf:+$conf,}expandable_segments:True"
+  echo "$conf"
+}
+
 # One line on stderr, exit 2: a launcher knob is wrong (named, with the fix).
 die() {
   echo "error: $*" >&2

@@ -34,6 +34,7 @@ require_int NUM_PROCESSES "$NUM_PROCESSES" 1
 require_int MASTER_PORT "$MASTER_PORT" 1
 [[ -n "$CUDA_VISIBLE_DEVICES" ]] && export CUDA_VISIBLE_DEVICES
 [[ "$GPUS_FOUND" -eq 0 ]] && export DS_ACCELERATOR=cpu  # DeepSpeed would warn that it found no GPU: none is expected
+export PYTORCH_ALLOC_CONF="$(alloc_conf_with_expandable_segments)"  # as in training: no fragmentation between lengths
 
 cd "$REPO_ROOT"
 if [[ -z "$CONFIG" ]]; then
@@ -58,6 +59,7 @@ else
   LAUNCH=("$PYTHON")
 fi
 echo "+ ${LAUNCH[*]} ${SCRIPT[*]} $*"
+echo "  (PYTORCH_ALLOC_CONF=$PYTORCH_ALLOC_CONF)"
 [[ "$DRY_RUN" == "1" ]] && exit 0
 if [[ "$NUM_PROCESSES" -gt 1 ]]; then
   # One cheap process first: bad settings exit 2 here (the launcher would turn it into 1), and when every

@@ -69,6 +69,7 @@ fi
 
 cd "$REPO_ROOT"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTORCH_ALLOC_CONF="$(alloc_conf_with_expandable_segments)"  # read first by torch; the planner plans with it
 SETTINGS=(--config "$CONFIG" --output_dir "$OUTPUT_DIR" --resume "$RESUME")
 [[ "$OVERWRITE" == "1" ]] && SETTINGS+=(--overwrite true)  # the setting: the preflight and training act on it
 [[ "$USE_DEEPSPEED" == "1" ]] && SETTINGS+=(--deepspeed "$DS_CONFIG")
@@ -146,7 +147,7 @@ elif [[ "$status" -ne 0 ]]; then
 fi
 
 echo "+ $(printf '%q ' "${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SETTINGS[@]}")"
-echo "  (W&B mode: $WANDB_MODE, project: $WANDB_PROJECT; OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset})"
+echo "  (W&B mode: $WANDB_MODE, project: $WANDB_PROJECT; OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}; PYTORCH_ALLOC_CONF=$PYTORCH_ALLOC_CONF)"
 [[ "$DRY_RUN" == "1" ]] && exit 0
 
 # The launch runs in its own process group; SIGTERM / SIGUSR1 / SIGINT to this script go to all of it (the ranks

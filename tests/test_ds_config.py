@@ -1,10 +1,13 @@
-"""Both experiments' ds_config_zero2.json, filled from the experiment's TrainingArguments the way the Trainer does,
-validate offline with transformers' HfTrainerDeepSpeedConfig and DeepSpeed's own DeepSpeedConfig."""
+"""Every experiment's ds_config_zero2.json, filled from the experiment's TrainingArguments the way the Trainer does,
+validates offline with transformers' HfTrainerDeepSpeedConfig and DeepSpeed's own DeepSpeedConfig, and accumulates
+gradients in fp32 on a real engine."""
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +15,9 @@ from transformers import TrainingArguments
 
 from longctx.config import parse_config
 from longctx.errors import ConfigError
+from support.env import subprocess_env
 from support.paths import EXPERIMENTS_DIR
+from support.processes import free_port
 
 EXPERIMENTS = ["000_tiny_smoke", "009_text_summary", "010_text_summary_sp4", "011_million_tokens"]
 AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
@@ -111,3 +116,53 @@ def test_a_hard_coded_mismatch_is_caught(tmp_path):
     bad.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         filled_config(training, bad)
+
+
+ACCUMULATION = """
+import json, os, sys
+import deepspeed, torch
+config = json.loads(open(sys.argv[1]).read())
+deepspeed.init_distributed(dist_backend="gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+seen = []
+for _ in range(config["gradient_accumulation_steps"]):
+    loss = engine(torch.randn(4, 8, dtype=next(engine.parameters()).dtype)).float().pow(2).mean()
+    engine.backward(loss)
+    seen.append(sorted({str(t.dtype) for buffers in engine.optimizer.averaged_gradients.values()
+                        for t in (buffers if isinstance(buffers, list) else [buffers])}))
+    engine.step()
+print(json.dumps([str(next(engine.parameters()).dtype), seen]))
+"""
+
+
+def accumulation_dtypes(config: dict, tmp_path) -> tuple[str, list]:
+    """A real DeepSpeed engine from `config` (one gloo process, its own interpreter) on a two-layer model, one
+    optimizer step of its micro-batches: the parameters' dtype and ZeRO's gradient accumulation buffer's dtypes
+    after each backward."""
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps({**config, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}))
+    env = subprocess_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, "-c", ACCUMULATION, str(path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    params, seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    return params, seen
+
+
+@pytest.mark.parametrize("experiment", ["009_text_summary", "010_text_summary_sp4", "011_million_tokens"])
+def test_zero2_accumulates_the_micro_batches_gradients_in_fp32(bf16_gpu, experiment, tmp_path):
+    """bf16 weights, and the gradients of the step's micro-batches summed in fp32 (data_types.grad_accum_dtype):
+    DeepSpeed's default is the model's dtype, and summing 8 (009) or 32 (010, 011) bf16 micro-batch gradients keeps
+    8 bits of mantissa. Measured with the shipped config on a real engine."""
+    config = filled_config(training_args(experiment, tmp_path), ds_path(experiment))
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2, train_batch_size=2)
+    assert config["bf16"]["enabled"] is True and config["data_types"] == {"grad_accum_dtype": "fp32"}
+    params, buffers = accumulation_dtypes(config, tmp_path)
+    assert params == "torch.bfloat16"
+    assert buffers == [["torch.float32"], ["torch.float32"]]  # from the first micro-batch on
+    if experiment == "009_text_summary":  # what DeepSpeed does without the setting: the buffer in bf16
+        del config["data_types"]
+        assert accumulation_dtypes(config, tmp_path)[1] == [[], ["torch.bfloat16"]]

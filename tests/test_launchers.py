@@ -249,6 +249,25 @@ def test_000_launcher_builds_assets_then_launches(launch, tiny_dir):
     assert value_after(echoed(result), "--config") == str(EXP_000 / "config.yaml")
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("env,expected", [
+    ({}, "expandable_segments:True"),
+    ({"PYTORCH_ALLOC_CONF": "pinned_max_cached_size_mb:64"}, "pinned_max_cached_size_mb:64,expandable_segments:True"),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}, "expandable_segments:False"),  # the user's choice
+], ids=["unset", "added", "kept"])
+def test_training_and_evaluation_run_with_expandable_segments(launch, tiny_dir, env, expected):
+    """Samples of every length up to 262,144 tokens would fragment the CUDA caching allocator: both launchers add
+    expandable segments to the allocator setting torch reads first (PYTORCH_ALLOC_CONF), keeping what it held."""
+    for knob in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        env.setdefault(knob, "")
+    train = launch(TRAIN_000, **env)
+    assert train.returncode == 0, train.stderr
+    assert status_line(train).endswith(f"; PYTORCH_ALLOC_CONF={expected})")
+    evaluation = launch(EXP_000 / "eval_all_checkpoints.sh", **env)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert f"  (PYTORCH_ALLOC_CONF={expected})" in evaluation.stdout.splitlines()
+
+
 # --- through the real launchers -------------------------------------------------------------------------------------
 
 

@@ -167,10 +167,13 @@ class AdapterSwapper:
 
         name = f"adapter_{self.loaded}"  # unique: peft refuses to load a name twice
         self.loaded += 1
+        # In the base model's dtype: peft's default (autocast_adapter_dtype) upcasts bf16 adapters to fp32, and the
+        # LoRA path then computes in fp32 on a bf16 base: about 12 GiB more in one MLP of a 262,144-token prefill.
         if self.model is None:
-            self.model = PeftModel.from_pretrained(self.base, str(path), adapter_name=name, is_trainable=False)
+            self.model = PeftModel.from_pretrained(self.base, str(path), adapter_name=name, is_trainable=False,
+                                                   autocast_adapter_dtype=False)
         else:
-            self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            self.model.load_adapter(str(path), adapter_name=name, is_trainable=False, autocast_adapter_dtype=False)
             self.model.set_adapter(name, inference_mode=True)
             self.model.delete_adapter(self.active)
         self.active = name

@@ -60,6 +60,11 @@ class EvalArguments:
         default=None, metadata={"help": "With --follow: give up (exit 1) after this many seconds without a new "
                                         "checkpoint, e.g. when training died. Unset: wait for final_adapter."}
     )
+    ddp_timeout: int = field(
+        default=1800, metadata={"help": "Seconds a process waits for the others at a collective (as in training; the "
+                                        "run's own value from run_config.yaml): the processes' shares of a "
+                                        "checkpoint end at different times. NCCL's own default is 10 minutes."}
+    )
     preflight: bool = field(
         default=False, metadata={"help": "Check the settings and list what needs scoring, loading no model: exit 0 "
                                          "when there is work, 4 when every checkpoint is already scored (report "

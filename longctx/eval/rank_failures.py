@@ -2,7 +2,7 @@
 
 Without this, a rank that raises (loading an adapter, generating, writing a row) simply leaves: on one machine the
 launcher's agent then kills the others, and the log's root cause is whichever rank the agent saw die; across
-machines with NCCL the others wait in their next collective until the backend's timeout (30 minutes by default).
+machines with NCCL the others wait in their next collective until its timeout (ddp_timeout: 30 minutes by default).
 Here each rank's work between two collectives runs under `attempt`: an exception becomes a `RankFailure` record
 (rank, what it was doing, the error in one line) that the rank sends in the very gather or broadcast the others
 are already waiting in. Every rank then raises `RankFailed` at the same collective; rank 0 prints one line naming

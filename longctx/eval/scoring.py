@@ -9,7 +9,7 @@ import json
 import socket
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import torch
@@ -22,10 +22,10 @@ from ..run import checkpoints
 from ..run.checkpoints import Checkpoint
 from ..run.directory import visible_gpus
 from ..run.layout import FINAL_ADAPTER, RUN_INFO
-from ..utils.distributed import print0, teardown
+from ..utils.distributed import print0, teardown, use_timeout_for_new_groups
 from . import rank_failures, report, results
 from .generation import Evaluator, Prediction
-from .job import EvalJob
+from .job import EvalArguments, EvalJob
 from .metrics import ROUGE_TYPES, rouge_with_intervals
 from .wandb_log import WandbLogger
 
@@ -218,12 +218,18 @@ def follow_warning(run_dir: Path) -> str | None:
     return shared_gpus_warning(visible_gpus(), machine.get("gpus", []), machine.get("host") == socket.gethostname())
 
 
-def score_all(job: EvalJob) -> int:
-    """The scoring loop on every process of the launch (one, or accelerate's N). Returns the exit status."""
+def process_state(options: EvalArguments):
+    """accelerate's PartialState of this evaluation process: its process group (gloo without CUDA, where cpu=True is
+    what makes accelerate build one for N processes) waits ddp_timeout at a collective, and so do groups made later."""
     from accelerate import PartialState
 
-    # On a machine without CUDA, cpu=True is what makes accelerate build the gloo process group for N processes.
-    scoring = Scoring(job, PartialState(cpu=not torch.cuda.is_available()))
+    use_timeout_for_new_groups(options.ddp_timeout)
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=options.ddp_timeout))
+
+
+def score_all(job: EvalJob) -> int:
+    """The scoring loop on every process of the launch (one, or accelerate's N). Returns the exit status."""
+    scoring = Scoring(job, process_state(job.options))
     try:
         status = scoring.run()
     finally:

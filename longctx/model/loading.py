@@ -4,25 +4,39 @@ longctx.data.tokenizer's."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import sys
 
 import torch
 
+from ..errors import ConfigError
 from ..settings import LoraArguments, MemoryArguments, ModelArguments
+from ..utils.distributed import print0
+from ..utils.flash_attention import flash_attention_2_problem
 from .offload import enable_offload
 from .tiling import enable_tiled_mlp
 
 
 def resolve_attn_implementation(requested: str = "auto") -> str:
-    """flash_attention_2 when flash_attn imports on CUDA, else PyTorch SDPA (memory-efficient kernels, no seq x seq
-    matrix on GPU). An explicit request is honoured, and flash_attention_2 without its package is an error."""
-    has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    """flash_attention_2 when flash_attn imports on CUDA (longctx.utils.flash_attention), else PyTorch SDPA
+    (memory-efficient kernels, no seq x seq matrix on GPU). An explicit request is honoured; flash_attention_2 that
+    cannot be used is a setting error naming why. When flash-attn is installed but unusable, `auto` says once why it
+    falls back."""
+    problem = flash_attention_2_problem()
     if requested == "auto":
-        return "flash_attention_2" if has_flash else "sdpa"
-    if requested == "flash_attention_2" and not has_flash:
-        raise ValueError("setting 'attn_implementation' = 'flash_attention_2' needs CUDA and the flash-attn package "
-                         "(pip install flash-attn --no-build-isolation); use auto to fall back to sdpa.")
+        if problem and importlib.util.find_spec("flash_attn") is not None:
+            _say_once(f"attention: flash_attention_2 not used ({problem}); using sdpa")
+        return "sdpa" if problem else "flash_attention_2"
+    if requested == "flash_attention_2" and problem:
+        raise ConfigError(f"setting 'attn_implementation' = 'flash_attention_2': {problem}; install flash-attn 2 "
+                          f"for this torch (pip install flash-attn --no-build-isolation), or use auto (sdpa).")
     return requested
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    print0(line, file=sys.stderr)
 
 
 def resolve_dtype(requested: str = "auto") -> torch.dtype:

@@ -20,7 +20,10 @@ the tensors a real layer saves in tests/test_planner_estimate.py):
   logits                 label positions x vocabulary x (fp32 log-softmax + its two gradient buffers, + the
                          gradient cast back to bf16)
   framework              CUDA context and kernels (1 GiB), NCCL (0.5 GiB with several GPUs), ZeRO reduce buckets,
-                         and 5% allocator slack on the activations
+                         and 5% allocator slack on the activations, with the CUDA allocator's expandable segments
+                         (the launchers set PYTORCH_ALLOC_CONF=expandable_segments:True for training and evaluation:
+                         samples of every length up to 262,144 tokens reuse one growing segment instead of leaving
+                         cached blocks of earlier sizes); off, the slack is not a bound
 Sequence parallelism (sequence_parallel_size N, Ulysses): S is the tokens of one GPU, the sample's tokens / N.
 Every part above is per token, so it shrinks N-fold: the layer inputs, norms and MLP tensors belong to the GPU's
 slice of the sequence; q, k, v, the attention output and the attention backward's buffers belong to the whole
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 from ..model.architecture import Architecture
@@ -46,6 +50,14 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 CUDA_CONTEXT_BYTES = 1.0 * GIB     # context, cuBLAS / cuDNN workspaces, kernels: outside torch's allocator
 NCCL_BYTES = 0.5 * GIB             # communicator buffers with more than one GPU
 ALLOCATOR_SLACK = 0.05             # caching-allocator fragmentation, as a share of the activation memory
+
+
+def expandable_segments(env=os.environ) -> bool:
+    """Whether training will run with the CUDA allocator's expandable segments: the launchers add them to
+    PYTORCH_ALLOC_CONF unless it says otherwise (scripts/common.sh); only an explicit `expandable_segments:False`
+    turns them off."""
+    conf = env.get("PYTORCH_ALLOC_CONF") or env.get("PYTORCH_CUDA_ALLOC_CONF") or ""
+    return "expandable_segments:false" not in conf.replace(" ", "").lower()
 
 
 @dataclass
@@ -291,7 +303,9 @@ def estimate(s: StepShape) -> MemoryEstimate:
         framework_note = (f"CUDA context {human_bytes(CUDA_CONTEXT_BYTES)}"
                           + (f", NCCL {human_bytes(NCCL_BYTES)}" if s.world_size > 1 else "")
                           + (f", ZeRO buckets {human_bytes(buckets)}" if buckets else "")
-                          + f", allocator slack {ALLOCATOR_SLACK:.0%}")
+                          + f", allocator slack {ALLOCATOR_SLACK:.0%}"
+                          + ("" if expandable_segments() else " (expandable segments OFF: fragmentation across "
+                                                              "sample lengths is not planned)"))
     else:
         framework, framework_note = 0.0, "CPU: the process's own baseline (Python, libraries) is not modelled"
 

@@ -7,9 +7,12 @@ Memory per GPU, for generation_batch_size rows of the longest prompt (P tokens) 
   KV cache           layers x 2 (K, V) x KV heads x head_dim x 2 bytes x (P + M) x rows
   KV cache growth    one layer's K and V again, while transformers' DynamicCache concatenates a step's to them
   prefill working    the residual stream (hidden in, normed input) + the larger of the attention projections
-                     (q, k, v, output, q / k norms in fp32) and the MLP (act, up, their product, and one adapter
-                     output beside them), for all P x rows tokens at once: O(tokens) with flash-attention or SDPA
-                     (no seq x seq matrix; a padded batch under SDPA adds its rows x P x P boolean mask)
+                     (q, k, v, output, q / k norms in fp32) and the MLP at its peak, inside up_proj's LoRA path:
+                     act + up_proj's base output + its LoRA update (scaling x B(A(x))) + their sum, the update and
+                     the sum in the adapter's dtype (the base's: evaluation loads adapters without peft's fp32
+                     upcast, which at 262,144 tokens would add 12 GiB: an fp32 update, an fp32 sum, an fp32 copy of
+                     the input), for all P x rows tokens at once: O(tokens) with flash-attention or SDPA (no seq x seq
+                     matrix; a padded batch under SDPA adds its rows x P x P boolean mask)
   framework          CUDA context and kernels
 Time per checkpoint: every prompt's prefill (its forward FLOPs) + up to M greedy decode steps (each reads the
 weights and the KV cache), in batches sorted by length, spread over the evaluation GPUs (longctx.planner.flops).
@@ -37,8 +40,10 @@ class EvalMemory:
 
 
 def evaluation_memory(arch: Architecture, longest_prompt: int, max_new_tokens: int, batch: int = 1,
-                      weight_bytes: int = 2, lora_params: int = 0, flash_attention: bool = True) -> EvalMemory:
-    """Per-GPU memory at the end of the longest batch's prefill, with its cache sized for the whole generation."""
+                      weight_bytes: int = 2, lora_params: int = 0, flash_attention: bool = True,
+                      adapter_bytes: int | None = None) -> EvalMemory:
+    """Per-GPU memory at the end of the longest batch's prefill, with its cache sized for the whole generation.
+    adapter_bytes: the LoRA weights' dtype size; None: the base's (how evaluation loads them)."""
     b = 2  # bf16 activations and cache
     context = longest_prompt + max_new_tokens
     kv_token = kv_bytes_per_token(arch)
@@ -47,7 +52,9 @@ def evaluation_memory(arch: Architecture, longest_prompt: int, max_new_tokens: i
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv_width = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
     attention = (2 * q + 2 * kv_width) * b + (q + kv_width) * 4
-    mlp = 4 * i * b
+    a = adapter_bytes or weight_bytes
+    # act and up_proj's base output (b), its LoRA update and their sum (a), and an input copy when the dtypes differ
+    mlp = 2 * i * b + i * a + i * max(a, b) + (h * a if a != b else 0)
     rows = longest_prompt * batch
     working = rows * (2 * h * b + max(attention, mlp))
     mask = 0 if flash_attention or batch == 1 else batch * longest_prompt ** 2
@@ -59,7 +66,7 @@ def evaluation_memory(arch: Architecture, longest_prompt: int, max_new_tokens: i
         Part("KV cache growth", growth, "one layer's K and V copied while DynamicCache concatenates a step"),
         Part("prefill working set", working + mask,
              f"{rows:,} tokens x {(2 * h * b + max(attention, mlp)):,} bytes (residual + "
-             f"{'MLP' if mlp >= attention else 'attention'})"
+             + ("MLP: act, up_proj, its LoRA update and their sum" if mlp >= attention else "attention") + ")"
              + (f" + the padded batch's {batch} x {longest_prompt:,}^2 boolean mask under SDPA" if mask else "")),
         Part("framework", CUDA_CONTEXT_BYTES, "CUDA context and kernels"),
     ]

@@ -8,7 +8,8 @@
   rank logs the whole sample's loss, and a resume mid-epoch skips the inner dataloader's batches.
 - Non-finite loss or gradient norm stops the run on every rank at once, naming the step, before the optimizer
   step, so no checkpoint holds non-finite weights.
-- Log rows gain tokens/s per GPU, the peak GPU memory and the eval perplexity.
+- Log rows gain tokens/s per GPU, the peak GPU memory (largest over every rank; an evaluation's on its own row:
+  longctx.training.telemetry) and the eval perplexity.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..errors import NonFiniteError
 from ..model import sequence_parallel
 from ..model.loss import summary_loss
 from ..utils.distributed import print0
-from .telemetry import ThroughputMeter, gpu_memory, perplexity
+from .telemetry import MemoryTelemetry, ThroughputMeter, perplexity
 
 
 class LongContextTrainer(Trainer):
@@ -38,6 +39,7 @@ class LongContextTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self.throughput = ThroughputMeter()
+        self.memory = MemoryTelemetry()
         self.sp_size = self.get_sp_size()
 
     def loss_multiplier(self, training: bool) -> int:
@@ -126,15 +128,22 @@ class LongContextTrainer(Trainer):
                 f"before the optimizer step, so no checkpoint holds it. Lower learning_rate, check the data around "
                 f"this step, or resume from the last checkpoint.")
 
+    def evaluate(self, *args, **kwargs):
+        self.memory.evaluation_starts()  # the evaluation's peak is its own row's, not the next training row's
+        return super().evaluate(*args, **kwargs)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Called on every rank at the same points (memory is all-reduced here); rank 0 reports."""
+        memory = None
         if "loss" in logs:
             rate = self.throughput.take()
             if rate is not None:
                 logs["tokens_per_second_per_gpu"] = round(rate, 1)
-            memory = gpu_memory()
-            if memory is not None:
-                logs.update(memory[0])
-                print0(f"step {self.state.global_step}: {memory[1]}")
+            memory = self.memory.training_row()
         if "eval_loss" in logs:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+            memory = self.memory.evaluation_row()
+        if memory is not None:
+            logs.update(memory[0])
+            print0(f"step {self.state.global_step}: {memory[1]}")
         super().log(logs, start_time)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 
 def rank() -> int:
@@ -61,6 +63,18 @@ def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def use_timeout_for_new_groups(seconds: float) -> None:
+    """Process groups made from now on get `seconds` as their collective timeout. The default group gets
+    ddp_timeout from the launch (TrainingArguments, or the evaluation's PartialState), but groups made later with
+    dist.new_group and no timeout (DeepSpeed's ZeRO and sequence-parallel groups) get torch's default instead: 10
+    minutes under NCCL, less than one rank of a 262,144-token step can wait for another. torch reads that default
+    from these two module globals each time a group is made."""
+    timeout = timedelta(seconds=seconds)
+    c10d.default_pg_timeout = timeout
+    if isinstance(c10d.default_pg_nccl_timeout, timedelta):  # None where torch was built without NCCL
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def cpu_process_group_args(argv: list[str]) -> list[str]:

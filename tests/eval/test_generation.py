@@ -121,3 +121,30 @@ def test_two_processes_merge_to_the_single_process_predictions(scored_run, tmp_p
         for count in ("num_empty", "num_think_stripped", "num_hit_max_new_tokens",
                       "num_references_over_max_new_tokens"):
             assert r1[count] == r2[count]
+
+
+def test_adapters_are_loaded_in_the_base_models_dtype(tiny_dir, tmp_path):
+    """A bf16 base (as on a GPU) with adapters saved in fp32 (as CPU training saves them): every LoRA weight the
+    swapper loads, first and swapped, is bf16, so the LoRA path computes in bf16. peft's default, loaded the same
+    way, upcasts them to fp32 (the extra 12 GiB of a 262,144-token prefill: tests/planner/test_evaluation.py)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        fp32 = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
+        get_peft_model(fp32, LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear")).save_pretrained(
+            tmp_path / f"adapter-{seed}")
+
+    def lora_dtypes(model) -> set:
+        return {p.dtype for name, p in model.named_parameters() if "lora_" in name}
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.bfloat16)
+    swapper = generation.AdapterSwapper(base)
+    assert lora_dtypes(swapper.activate(tmp_path / "adapter-1")) == {torch.bfloat16}
+    swapped = swapper.activate(tmp_path / "adapter-2")
+    assert lora_dtypes(swapped) == {torch.bfloat16} and swapped.active_adapter == "adapter_1"
+    default = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.bfloat16),
+                                        tmp_path / "adapter-1")
+    assert lora_dtypes(default) == {torch.float32}

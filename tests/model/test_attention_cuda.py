@@ -9,8 +9,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from longctx.model.loading import resolve_attn_implementation
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU: the attention kernels under test run only on CUDA")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA GPU: the attention kernels under test run only on CUDA")]
 
 HEADS = 4
 

@@ -4,6 +4,7 @@ loaded is a setting error."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ import torch
 from longctx.data.tokenizer import load_tokenizer
 from longctx.errors import ConfigError
 from longctx.model.architecture import Architecture, with_rope_yarn
-from longctx.model.loading import load_base_model
+from longctx.model.loading import _say_once, load_base_model, resolve_attn_implementation
 from longctx.settings import ModelArguments
+from longctx.utils.flash_attention import flash_attention_2_problem
 
 
 def test_rope_yarn_factor_stretches_the_rotary_embedding_at_load(tiny_dir):
@@ -57,3 +59,60 @@ def test_a_tokenizer_that_cannot_be_loaded_names_the_setting_and_the_fix(monkeyp
     assert message.endswith("); download the model here (huggingface-cli download no-such-org/no-such-model), or "
                             "point model_name_or_path at a local directory.")
     assert "\n" not in message
+
+
+# --- attention backend: flash_attention_2 only when flash_attn really imports -------------------------------------
+# flash-attn cannot be installed on this CUDA-less machine, so each case puts a stand-in `flash_attn` package on the
+# path (what a broken build, a flash-attn-4 install, or a working FA2 looks like to Python) and pretends CUDA is there.
+
+STAND_INS = {
+    "broken build": "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev')\n",
+    "flash-attn-4": "__version__ = '4.0.0b4'\n",
+    "FA2 without its kernels": "__version__ = '2.8.3'\n",
+}
+
+
+@pytest.fixture()
+def stand_in(tmp_path, monkeypatch):
+    def install(source: str) -> None:
+        (tmp_path / "flash_attn").mkdir()
+        (tmp_path / "flash_attn" / "__init__.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+        flash_attention_2_problem.cache_clear()
+        _say_once.cache_clear()
+
+    yield install
+    sys.modules.pop("flash_attn", None)
+    flash_attention_2_problem.cache_clear()
+    _say_once.cache_clear()
+
+
+@pytest.mark.parametrize("kind", list(STAND_INS))
+def test_auto_falls_back_to_sdpa_saying_why_when_flash_attn_cannot_be_used(stand_in, kind, capsys):
+    stand_in(STAND_INS[kind])
+    reason = {"broken build": "flash_attn is installed but does not import (ImportError: flash_attn_2_cuda.so: "
+                              "undefined symbol: _ZN3c1017RegisterOperatorsD1Ev)",
+              "flash-attn-4": "flash_attn 4.0.0b4 is not FlashAttention 2 (flash-attn-4 installs a flash_attn package "
+                              "too); install flash-attn 2 for flash_attention_2",
+              "FA2 without its kernels": "flash_attn 2.8.3 imports but lacks its kernels (ImportError: cannot import "
+                                         "name 'flash_attn_func' from 'flash_attn'"}[kind]
+    assert resolve_attn_implementation("auto") == "sdpa"
+    assert resolve_attn_implementation("auto") == "sdpa"
+    err = capsys.readouterr().err
+    assert err.startswith(f"attention: flash_attention_2 not used ({reason}") and err.count("attention:") == 1
+    with pytest.raises(ConfigError) as info:  # asked for by name: refused before any weights, naming why
+        resolve_attn_implementation("flash_attention_2")
+    assert str(info.value).startswith(f"setting 'attn_implementation' = 'flash_attention_2': {reason}")
+
+
+def test_a_working_flash_attention_2_is_chosen_when_transformers_accepts_it(stand_in, monkeypatch):
+    stand_in("__version__ = '2.8.3'\ndef flash_attn_func(*a, **k): pass\ndef flash_attn_varlen_func(*a, **k): pass\n")
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: True)
+    assert resolve_attn_implementation("auto") == "flash_attention_2"
+
+
+def test_without_flash_attn_auto_is_sdpa_silently(capsys):
+    flash_attention_2_problem.cache_clear()
+    assert resolve_attn_implementation("auto") == "sdpa"  # this machine: no CUDA, no flash-attn
+    assert capsys.readouterr().err == ""

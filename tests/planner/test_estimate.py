@@ -302,3 +302,17 @@ def test_011_peak_per_gpu_is_the_sum_of_the_parts():
     # peak: 8,044,936,192 + 132,120,576 + 5,010,504,499.2 + 25,568,477,184 + 26,429,358,080 = 65,185,396,531.2
     assert plan.peak_bytes == pytest.approx(65_185_396_531.2)
     assert f"{plan.peak_bytes / GIB:.2f}" == "60.71"  # 011's config.yaml and the README
+
+
+@pytest.mark.parametrize("conf,planned", [("", True), ("pinned_max_cached_size_mb:64,expandable_segments:True", True),
+                                          ("expandable_segments:False", False)])
+def test_the_plan_says_when_the_allocator_runs_without_expandable_segments(monkeypatch, conf, planned):
+    """The 5% slack holds with expandable segments (the launchers set them); switched off, the plan says the
+    fragmentation across sample lengths is not planned."""
+    from longctx.planner.estimate import expandable_segments
+
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", conf)
+    assert expandable_segments() is planned
+    note = estimate(qwen3_4b_step()).part("framework").note
+    assert note.endswith("allocator slack 5%") is planned
+    assert ("(expandable segments OFF: fragmentation across sample lengths is not planned)" in note) is not planned

@@ -38,13 +38,25 @@ def test_evaluation_memory_of_the_longest_009_prompt():
     assert parts["KV cache"] == 36 * GIB
     # one layer's K and V while DynamicCache concatenates: 2 x 8 x 128 x 2 = 4,096 bytes x 262,144 = 1 GiB
     assert parts["KV cache growth"] == GIB
-    # per prompt token: residual + normed input 2 x 2,560 x 2 = 10,240; the MLP's act, up, product and an adapter
-    # output 4 x 9,728 x 2 = 77,824 beat the attention's q, k, v, output (2 x 4,096 + 2 x 1,024) x 2 = 20,480 +
-    # q / k norms in fp32 (4,096 + 1,024) x 4 = 20,480; 88,064 x 261,632 = 23,040,360,448
+    # per prompt token: residual + normed input 2 x 2,560 x 2 = 10,240; the MLP inside up_proj's LoRA path (act,
+    # up_proj's base output, its LoRA update, their sum, all bf16) 4 x 9,728 x 2 = 77,824 beat the attention's q, k,
+    # v, output (2 x 4,096 + 2 x 1,024) x 2 = 20,480 + q / k norms in fp32 (4,096 + 1,024) x 4 = 20,480;
+    # 88,064 x 261,632 = 23,040,360,448
     assert parts["prefill working set"] == 23_040_360_448
     assert parts["framework"] == GIB
     # 8,110,996,480 + 38,654,705,664 + 1,073,741,824 + 23,040,360,448 + 1,073,741,824 = 71,953,546,240 (67.01 GiB)
     assert memory.peak_bytes == 71_953_546_240
+
+
+def test_an_adapter_upcast_to_fp32_would_add_12_gib_to_the_262k_prefill():
+    """What evaluation avoids by loading adapters in the base's dtype (peft's default upcasts them to fp32)."""
+    bf16 = evaluation_memory(ARCH, 261_632, 512, lora_params=33_030_144)
+    fp32 = evaluation_memory(ARCH, 261_632, 512, lora_params=33_030_144, adapter_bytes=4)
+    # per token in up_proj: act 2 x 9,728 + base output 2 x 9,728 + fp32 update 4 x 9,728 + fp32 sum 4 x 9,728 +
+    # fp32 copy of the input 4 x 2,560 = 126,976 bytes, against 4 x 9,728 x 2 = 77,824 in bf16: 49,152 more
+    # x 261,632 tokens = 12,859,736,064 bytes = 11.98 GiB
+    assert fp32.peak_bytes - bf16.peak_bytes == 12_859_736_064
+    assert f"{(fp32.peak_bytes - bf16.peak_bytes) / GIB:.2f}" == "11.98"
 
 
 def test_a_padded_batch_without_flash_attention_adds_its_mask():

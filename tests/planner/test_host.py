@@ -132,6 +132,7 @@ print(json.dumps(current))
 """
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="measures torch's pinned host allocator, which needs CUDA; this machine has no CUDA device")
 @pytest.mark.parametrize("alloc_conf", ["", "pinned_max_cached_size_mb:1"])

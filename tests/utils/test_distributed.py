@@ -4,6 +4,8 @@ Two-process cases run in real gloo process groups (support.processes)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch.distributed as dist
 
@@ -55,6 +57,7 @@ def _cpu_group(rank: int, world_size: int):
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
+    PartialState._reset_state()  # a fresh process, as a launcher starts: not the test worker's singleton, forked
     flags = distributed.cpu_process_group_args(["--config", "c.yaml", "--deepspeed", "ds.json"])
     state = (dist.get_world_size(), dist.get_rank(), dist.get_backend(),
              PartialState._shared_state["distributed_type"] == DistributedType.DEEPSPEED)
@@ -74,3 +77,44 @@ def test_cpu_processes_form_one_gloo_job_marked_as_deepspeeds(tmp_path):
 def no_launcher_environment(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
+
+
+def _group_timeouts(rank: int, world_size: int):
+    import deepspeed.comm
+    import torch
+
+    def seconds(group) -> float:
+        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+    before = seconds(dist.new_group([0, 1]))
+    distributed.use_timeout_for_new_groups(5400)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    deepspeed.comm.init_distributed(dist_backend="gloo")  # DeepSpeed's comm layer over the existing group
+    return before, seconds(dist.new_group([0, 1])), seconds(deepspeed.comm.new_group([0, 1]))
+
+
+def test_groups_made_later_wait_the_runs_timeout_not_torchs_default(tmp_path):
+    """DeepSpeed's ZeRO and sequence-parallel groups are made with dist.new_group and no timeout: they get torch's
+    default (30 minutes here with gloo; 10 under NCCL) unless use_timeout_for_new_groups set it (training: its
+    ddp_timeout)."""
+    assert run_ranks(_group_timeouts, tmp_path) == [(1800.0, 5400.0, 5400.0)] * 2
+
+
+def _evaluation_group_timeout(rank: int, world_size: int):
+    import torch
+    from accelerate import PartialState
+
+    from longctx.eval.job import EvalArguments
+    from longctx.eval.scoring import process_state
+
+    PartialState._reset_state()  # a fresh process, as accelerate launch starts it
+    state = process_state(EvalArguments(ddp_timeout=7200))
+    default = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout
+    later = dist.new_group([0, 1])._get_backend(torch.device("cpu")).options._timeout
+    return state.num_processes, default.total_seconds(), later.total_seconds()
+
+
+def test_the_evaluations_processes_wait_its_ddp_timeout(tmp_path):
+    """The evaluation's process group (and any made after it) waits ddp_timeout (the run's, from run_config.yaml) at
+    a collective: the processes' shares of a long checkpoint end at different times. Before, it set none."""
+    assert run_ranks(_evaluation_group_timeout, tmp_path, init_group=False) == [(2, 7200.0, 7200.0)] * 2
