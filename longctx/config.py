@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import math
 import os
 import re
 import sys
@@ -33,6 +34,8 @@ from .settings import (
     GenerationArguments,
     MemoryArguments,
     ModelArguments,
+    PlanArguments,
+    RunArguments,
     Settings,
 )
 from .utils.flash_attention import flash_attention_2_problem
@@ -300,6 +303,70 @@ def validate_attention_masks(model: ModelArguments, data: DataArguments, gen: Ge
            f"(pip install flash-attn --no-build-isolation) and use attn_implementation: auto or flash_attention_2.")
 
 
+def validate_model(model: ModelArguments) -> None:
+    """The model settings that can be checked without loading anything: a local model directory holds a model."""
+    path = Path(model.model_name_or_path)
+    _check(not path.is_dir() or (path / "config.json").is_file(), "model_name_or_path", model.model_name_or_path,
+           "this directory holds no model (no config.json); point it at a model directory (config.json, weights, "
+           "tokenizer) or a hub id.")
+    if model.tokenizer_name_or_path and Path(model.tokenizer_name_or_path).is_dir():
+        _check(any((Path(model.tokenizer_name_or_path) / name).is_file()
+                   for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")),
+               "tokenizer_name_or_path", model.tokenizer_name_or_path,
+               "this directory holds no tokenizer (no tokenizer.json or tokenizer_config.json); point it at one.")
+    _check(model.rope_yarn_factor is None or model.rope_yarn_factor > 1, "rope_yarn_factor", model.rope_yarn_factor,
+           "use a factor above 1 (4.0 takes 262,144 positions to 1,048,576), or leave it unset.")
+
+
+def validate_training(training: TrainingArguments) -> None:
+    """What the Trainer, the optimizer or the scheduler would reject only after the weights are loaded."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        _check(getattr(training, name) >= 1, name, getattr(training, name), "use 1 or more.")
+    _check(math.isfinite(training.learning_rate) and training.learning_rate > 0, "learning_rate",
+           training.learning_rate, "use a positive learning rate, e.g. 1e-4 (LoRA at long context: 1e-4 to 2e-4).")
+    _check(training.weight_decay >= 0, "weight_decay", training.weight_decay, "use 0 or more.")
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(training, name) < 1, name, getattr(training, name), "use a value in [0, 1), e.g. 0.9.")
+    _check(training.adam_epsilon >= 0, "adam_epsilon", training.adam_epsilon, "use a small positive value, e.g. 1e-8.")
+    _check(training.max_grad_norm >= 0, "max_grad_norm", training.max_grad_norm, "use 0 (no clipping) or more.")
+    _check(training.max_steps == -1 or training.max_steps > 0, "max_steps", training.max_steps,
+           "use a positive number of optimizer steps, or -1 to train num_train_epochs.")
+    if training.max_steps == -1:
+        _check(training.num_train_epochs > 0, "num_train_epochs", training.num_train_epochs,
+               "use a positive number of epochs, or set max_steps.")
+    for name, strategy in (("save_steps", training.save_strategy), ("eval_steps", training.eval_strategy)):
+        value = getattr(training, name)
+        if str(getattr(strategy, "value", strategy)) == "steps" and value is not None:
+            _check(value > 0, name, value, "use a positive number of steps, or a fraction of the run below 1.")
+    _check(training.save_total_limit is None or training.save_total_limit >= 1, "save_total_limit",
+           training.save_total_limit, "use 1 or more, or leave it unset to keep every checkpoint.")
+    _check(training.dataloader_num_workers >= 0, "dataloader_num_workers", training.dataloader_num_workers,
+           "use 0 (the main process) or more.")
+    _check(0 <= training.seed < 2**32, "seed", training.seed, "use a whole number in [0, 2^32).")
+    _check(training.ddp_timeout > 0, "ddp_timeout", training.ddp_timeout, "use a positive number of seconds.")
+
+
+def validate_run(run: RunArguments, data: DataArguments, plan: PlanArguments) -> None:
+    """The run, data-field and plan settings no other check covers."""
+    for name in ("document_field", "summary_field", "id_field"):
+        _check(bool(getattr(data, name).strip()), name, getattr(data, name), "name a field of the records.")
+    if data.datasets_cache_dir:
+        ancestor = Path(data.datasets_cache_dir)
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        _check(ancestor.is_dir() and os.access(ancestor, os.W_OK), "datasets_cache_dir", data.datasets_cache_dir,
+               "it cannot be created here; use a writable directory (on the shared filesystem with several machines).")
+    _check(run.save_every_minutes is None or run.save_every_minutes > 0, "save_every_minutes",
+           run.save_every_minutes, "use a positive number of minutes, or leave it unset.")
+    for name in ("plan_gpus", "plan_validation_records", "plan_train_records", "plan_tokens_per_sample"):
+        value = getattr(plan, name)
+        _check(value is None or value >= 1, name, value, "use 1 or more, or leave it unset.")
+    _check(plan.plan_gpu_peak_tflops > 0, "plan_gpu_peak_tflops", plan.plan_gpu_peak_tflops,
+           "use the GPU's peak dense bf16 TFLOP/s, e.g. 989 (H100).")
+    _check(plan.plan_mfu is None or 0 < plan.plan_mfu <= 1, "plan_mfu", plan.plan_mfu,
+           "use a share of the peak in (0, 1], e.g. 0.35, or leave it unset.")
+
+
 def validate(settings: Settings, files_at_hand: bool = True, world_size: int | None = None,
              architecture=None) -> None:
     """Every check that can run before weights, data or process groups are touched. world_size: processes of the
@@ -308,9 +375,12 @@ def validate(settings: Settings, files_at_hand: bool = True, world_size: int | N
     sequence parallelism's heads when the model is prepared)."""
     model, data, lora, memory = settings.model, settings.data, settings.lora, settings.memory
     run, generation, training = settings.run, settings.generation, settings.training
+    validate_model(model)
     validate_data(data, files_at_hand=files_at_hand)
     validate_chat_template(model)
     validate_memory(memory, training)
+    validate_training(training)
+    validate_run(run, data, settings.plan)
     _check(lora.lora_r > 0, "lora_r", lora.lora_r, "use a positive rank such as 8, 16 or 64.")
     _check(lora.lora_alpha > 0, "lora_alpha", lora.lora_alpha, "use a positive value, typically 2 x lora_r.")
     _check(0.0 <= lora.lora_dropout < 1.0, "lora_dropout", lora.lora_dropout, "use a value in [0, 1).")

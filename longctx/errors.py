@@ -33,8 +33,17 @@ class NonFiniteError(RuntimeError):
     forever on the others."""
 
 
+class DiskFullError(RuntimeError):
+    """OUTPUT_DIR's filesystem filled up while the run wrote to it. The message names the directory, its free space,
+    what was being written (removed, being incomplete), the last complete checkpoint and what to do."""
+
+
 class Preempted(Exception):
     """Training stopped for a signal after saving a checkpoint; the message says which and how to resume."""
+
+    def __init__(self, message: str, signal_name: str = "a signal"):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 class RankFailed(RuntimeError):

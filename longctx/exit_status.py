@@ -42,6 +42,14 @@ def record(status: int, reason: str) -> bool:
     return True
 
 
+def record_pid() -> None:
+    """Tell the launcher this rank's process id (LONGCTX_STATUS_DIR/rank-N.pid): a second Ctrl-C stops the ranks at
+    once, and torch's agent starts them in sessions of their own, out of the launcher's reach otherwise."""
+    directory = os.environ.get(STATUS_DIR_ENV)
+    if directory:
+        (Path(directory) / f"rank-{os.environ.get('RANK', '0')}.pid").write_text(str(os.getpid()))
+
+
 def first_recorded(directory: str | os.PathLike) -> dict | None:
     """The earliest record of a launch (the root cause when one rank's failure made the others fail), or None;
     `ranks` lists every rank of this machine that recorded the same status and reason."""

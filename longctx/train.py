@@ -32,29 +32,33 @@ from .data.dataset import tokenize_split, write_length_report
 from .data.length_cache import write_length_cache
 from .data.records import RecordScan, check_records, usable_copy
 from .data.tokenizer import load_tokenizer
-from .errors import ConfigError, DataError, NonFiniteError, Preempted
+from .errors import ConfigError, DataError, DiskFullError, NonFiniteError, Preempted
 from .model import sequence_parallel
 from .model.architecture import readable_architecture
 from .model.loading import (
     apply_lora,
     apply_memory_switches,
+    check_lora_targets,
+    linear_layer_names,
     load_base_model,
     resolve_attn_implementation,
     resolve_dtype,
 )
 from .model.offload import has_accelerator
-from .run import checkpoints
+from .run import checkpoints, lock
 from .run.directory import (
     GitState,
     check_output_dir,
     check_shared_output_dir,
     git_state,
+    overwrite_refused,
+    record_preemption,
     run_identity,
     start_afresh,
     write_run_info,
     write_shared_check,
 )
-from .run.layout import BAD_RECORDS_REPORT, FINAL_ADAPTER, FINAL_STATE, SHARED_CHECK, USABLE_DATA_DIR
+from .run.layout import BAD_RECORDS_REPORT, FINAL_ADAPTER, FINAL_STATE, PREEMPTED, SHARED_CHECK, USABLE_DATA_DIR
 from .run.tracking import finish_wandb_run, start_wandb_run, wants_wandb
 from .settings import Settings
 from .training.callbacks import END_OF_RUN, ManifestCallback, WatchdogCallback
@@ -84,6 +88,7 @@ class RunRecord:
     scans: dict[str, RecordScan]  # every record of each split, read once
     resume_from: str | None  # the checkpoint this launch continues from
     identity: dict  # the settings that change the result + the data's sha256 (longctx.run.directory.run_identity)
+    lease: str  # the token of OUTPUT_DIR's lease this launch holds (longctx.run.lock)
     git: GitState
     data_files: dict[str, str]  # split -> the file to train on (a copy without the unusable records, when skipped)
     configured_files: dict[str, str]  # split -> the file as configured (the length cache is keyed by it)
@@ -100,6 +105,7 @@ def setup(argv: list[str]) -> tuple[Settings, dict[str, str], PreemptionCallback
     experiment_dir = Path(settings.config_path).parent if settings.config_path else None
     validate(settings, world_size=int(os.environ.get("WORLD_SIZE", "1")),
              architecture=readable_architecture(settings.model.model_name_or_path, experiment_dir))
+    check_lora_targets(settings.lora, settings.model, linear_layer_names(settings.model, experiment_dir))
     template = check_template(settings.model, settings.data)
     use_timeout_for_new_groups(settings.training.ddp_timeout)  # DeepSpeed's groups, made later: not NCCL's 10 min
     preemption = PreemptionCallback(settings.run.save_every_minutes)
@@ -124,6 +130,11 @@ def prepare_run_dir(settings: Settings, template: dict[str, str]) -> RunRecord:
         out = Path(training.output_dir)
         configured = {"train": data.train_file, "validation": data.validation_file}
         scans = {split: check_records(configured[split], data) for split in SPLITS}
+        lease = lock.acquire(out, os.environ.get(lock.TOKEN_ENV))  # the launcher's lease, or a new one
+        refused = overwrite_refused(out) if run.overwrite else None
+        if refused:
+            run.overwrite = False
+            print0(f"OVERWRITE=1 not applied: {refused}")
         identity = run_identity(resolved_config(*settings.groups()), training.world_size, template)
         resume_from = check_output_dir(run, str(out), identity, training.max_steps)
         if run.overwrite and out.is_dir():
@@ -134,7 +145,8 @@ def prepare_run_dir(settings: Settings, template: dict[str, str]) -> RunRecord:
         if resume_from:
             print0(f"resuming from {resume_from} (step {checkpoints.global_step_of(Path(resume_from))}): the same "
                    f"data and settings as the run's first launch; OVERWRITE=1 starts afresh")
-        return RunRecord(scans, resume_from, identity, git_state(), usable_files(scans, configured, out), configured,
+        return RunRecord(scans, resume_from, identity, lease.token, git_state(),
+                         usable_files(scans, configured, out), configured,
                          write_shared_check(str(out)) if is_distributed() else None)
 
     run = on_rank_zero(on_rank_0)
@@ -269,11 +281,12 @@ def save_final_adapter(trainer: Trainer, tokenizer, output_dir: str, commit: str
         tmp = final.with_name(f".{FINAL_ADAPTER}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model = trainer.accelerator.unwrap_model(trainer.model)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        checkpoints.verify_adapter(tmp, model)
-        (tmp / FINAL_STATE).write_text(json.dumps({"global_step": trainer.state.global_step}))
-        checkpoints.write_manifest(tmp, trainer.state.global_step, commit)
+        with checkpoints.writing(output_dir, tmp):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            checkpoints.verify_adapter(tmp, model)
+            (tmp / FINAL_STATE).write_text(json.dumps({"global_step": trainer.state.global_step}))
+            checkpoints.write_manifest(tmp, trainer.state.global_step, commit)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         print0(f"final adapter saved and verified: {final}")
@@ -283,10 +296,15 @@ def save_final_adapter(trainer: Trainer, tokenizer, output_dir: str, commit: str
 
 def finish(trainer: LongContextTrainer, tokenizer, settings: Settings, run: RunRecord, stopped: Preempted | None,
            end_watchdog: Watchdog) -> None:
-    """The verified final adapter (unless a signal stopped the run: then its checkpoint is the result), W&B closed,
-    every rank leaving together; all under the end-of-run watchdog, disarmed last."""
+    """The verified final adapter (unless a signal stopped the run: then its checkpoint is the result, marked so its
+    relaunch resumes it), W&B closed, every rank leaving together; all under the end-of-run watchdog, disarmed last."""
+    out = Path(settings.training.output_dir)
     if stopped is None:
-        save_final_adapter(trainer, tokenizer, settings.training.output_dir, run.git.commit)
+        save_final_adapter(trainer, tokenizer, str(out), run.git.commit)
+        if is_main_process():
+            (out / PREEMPTED).unlink(missing_ok=True)
+    elif is_main_process():
+        record_preemption(out, trainer.state.global_step, stopped.signal_name)
     finish_wandb_run(preempted=stopped is not None)
     teardown()
     end_watchdog.disarm()
@@ -300,6 +318,16 @@ def finish(trainer: LongContextTrainer, tokenizer, settings: Settings, run: RunR
 def train(argv: list[str] | None = None) -> None:
     settings, template, preemption = setup(list(sys.argv[1:] if argv is None else argv))
     run = prepare_run_dir(settings, template)
+    heartbeat = lock.Heartbeat(settings.training.output_dir, run.lease).start() if is_main_process() else None
+    try:
+        recipe(settings, template, preemption, run)
+    finally:  # however the run ends (a kill -9 aside: then the lease goes stale), OUTPUT_DIR is free again
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+def recipe(settings: Settings, template: dict[str, str], preemption: PreemptionCallback, run: RunRecord) -> None:
+    """Everything after the run directory is decided: record -> data -> model -> trainer -> fit -> finish."""
     adapt_settings(settings, run)
     print0(f"attention: {resolve_attn_implementation(settings.model.attn_implementation)}; weights: "
            f"{str(resolve_dtype(settings.model.torch_dtype)).replace('torch.', '')}; processes: "
@@ -318,14 +346,17 @@ def train(argv: list[str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """train(), and every way it ends as an exit status with its reason as the last line (longctx.exit_status)."""
     silence_unactionable_warnings()
+    exit_status.record_pid()
     try:
         train(argv)
     except (ConfigError, DataError) as err:  # every rank raises it alike: one line, from rank 0
         _exit(exit_status.BAD_INPUT, f"error: {err}", every_rank=False)
     except Preempted as stop:
         _exit(exit_status.PREEMPTED, f"preempted: {stop}", every_rank=False)
-    except NonFiniteError as err:
+    except NonFiniteError as err:  # raised on every rank alike
         _exit(exit_status.FAILED, f"error: {err}", every_rank=False)
+    except DiskFullError as err:  # on whichever rank's write failed
+        _exit(exit_status.FAILED, f"error: {err}", every_rank=True)
     except Exception as err:  # noqa: BLE001 - anything else: its traceback, then its reason last
         traceback.print_exc()
         _exit(exit_status.FAILED, f"error: rank {rank()}: {type(err).__name__}: {err}", every_rank=True)

@@ -33,7 +33,7 @@ RESUME="${RESUME:-auto}"                                  # auto: continue the s
 OVERWRITE="${OVERWRITE:-0}"                               # 1: delete the run in OUTPUT_DIR and start afresh
 PLAN="${PLAN:-check}"                                     # check: stop if the plan does not fit | 1: print it, exit | 0
 PLAN_OVERRIDE="${PLAN_OVERRIDE:-0}"                       # 1: launch even when the plan does not fit
-PREEMPT_GRACE_SECONDS="${PREEMPT_GRACE_SECONDS:-7200}"    # after SIGTERM/SIGUSR1: time to finish the step and save
+PREEMPT_GRACE_SECONDS="${PREEMPT_GRACE_SECONDS:-7200}"    # after SIGTERM/SIGUSR1/Ctrl-C: time to finish the step, save
 WANDB_PROJECT="${WANDB_PROJECT:-longctx-$EXP_NAME}"       # W&B project
 WANDB_MODE="${WANDB_MODE:-}"                              # online | offline; empty: offline without credentials
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-}"                    # CPU threads per process; empty: 1 if several share a CPU
@@ -91,6 +91,19 @@ else
   FACTS+=(--device cpu)
 fi
 preflight() { "$PYTHON" -m longctx.preflight "${FACTS[@]}" "$@" -- "${SETTINGS[@]}"; }
+# This launch's lease of OUTPUT_DIR (longctx/run/lock.py): machine 0's preflight takes it, training's rank 0 adopts it.
+export LONGCTX_RUN_TOKEN="${LONGCTX_RUN_TOKEN:-$(cat /proc/sys/kernel/random/uuid 2>/dev/null || echo "$$-$RANDOM$RANDOM")}"
+export LONGCTX_LAUNCHER_PID=$$
+beat_pid=""
+cleanup() {  # whatever ends this script: the lease goes (only this launch's own), then the status files
+  [[ -n "$beat_pid" ]] && kill "$beat_pid" 2>/dev/null
+  if [[ "$MACHINE_RANK" == "0" && "$PLAN" != "1" ]]; then
+    "$PYTHON" -m longctx.run.lock release "$OUTPUT_DIR" "$LONGCTX_RUN_TOKEN" 2>/dev/null || true
+  fi
+  [[ -n "${LONGCTX_STATUS_DIR:-}" ]] && rm -rf "$LONGCTX_STATUS_DIR"
+  return 0
+}
+trap cleanup EXIT
 
 if [[ "$PLAN" == "1" ]]; then
   preflight --plan only   # the plan for the machine the experiment is written for, whatever this machine has
@@ -106,8 +119,10 @@ fi
 [[ "$GPUS_FOUND" -eq 0 ]] && export DS_ACCELERATOR=cpu  # DeepSpeed would warn that it found no GPU: none is expected
 [[ -z "$WANDB_MODE" ]] && WANDB_MODE="$(default_wandb_mode)"
 export WANDB_PROJECT WANDB_MODE WANDB_DIR="${WANDB_DIR:-$OUTPUT_DIR}"
-# torchrun's agent forwards SIGUSR1 as well as SIGTERM to the ranks, and gives them this long to save and exit.
+# torchrun's agent forwards SIGUSR1 as well as SIGTERM and SIGINT to the ranks, and gives them this long to save and
+# exit (its flags' environment names, and the names torch's elastic launcher reads itself).
 export PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" PET_SHUTDOWN_TIMEOUT="$PREEMPT_GRACE_SECONDS"
+export TORCHELASTIC_SIGNALS_TO_HANDLE="$PET_SIGNALS_TO_HANDLE" TORCH_ELASTIC_SHUTDOWN_TIMEOUT="$PREEMPT_GRACE_SECONDS"
 
 if [[ "$LAUNCHER" == "deepspeed" ]]; then
   LAUNCH=(deepspeed --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
@@ -150,24 +165,51 @@ echo "+ $(printf '%q ' "${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SETTINGS[@]
 echo "  (W&B mode: $WANDB_MODE, project: $WANDB_PROJECT; OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}; PYTORCH_ALLOC_CONF=$PYTORCH_ALLOC_CONF)"
 [[ "$DRY_RUN" == "1" ]] && exit 0
 
-# The launch runs in its own process group; SIGTERM / SIGUSR1 / SIGINT to this script go to all of it (the ranks
-# stop at the end of their optimizer step with a checkpoint), and the script waits for it to end.
+# The launch runs in its own process group; SIGTERM / SIGUSR1 to this script go to all of it (the ranks stop at the
+# end of their optimizer step with a checkpoint), and the script waits for it to end. Ctrl-C (SIGINT, which a
+# terminal sends to this script's group) does the same; a second Ctrl-C stops every rank at once.
 export LONGCTX_STATUS_DIR="$(mktemp -d)"
-trap 'rm -rf "$LONGCTX_STATUS_DIR"' EXIT
 mkdir -p "$OUTPUT_DIR"
+beat() {  # renews this launch's lease while the launch runs (rank 0 renews it too, from inside training)
+  trap '' INT
+  while sleep 30; do
+    kill -0 "$LONGCTX_LAUNCHER_PID" 2>/dev/null || exit 0
+    "$PYTHON" -m longctx.run.lock beat "$OUTPUT_DIR" "$LONGCTX_RUN_TOKEN" >/dev/null 2>&1 || true
+  done
+}
+if [[ "$MACHINE_RANK" == "0" ]]; then beat & beat_pid=$!; fi
 set -m
 "${LAUNCH[@]}" "$EXP_DIR/train_cluster.py" "${SETTINGS[@]}" &
 child=$!
 set +m
-for sig in TERM USR1 INT; do
+for sig in TERM USR1; do
   trap "kill -s $sig -- -$child 2>/dev/null || true" "$sig"
 done
+interrupts=0
+on_ctrl_c() {
+  interrupts=$(( interrupts + 1 ))
+  if [[ "$interrupts" -eq 1 ]]; then
+    echo "Ctrl-C: every rank stops at the end of its optimizer step with a checkpoint (exit 75); Ctrl-C again stops them at once, losing the step in progress." >&2
+    kill -s INT -- -"$child" 2>/dev/null || true
+  else
+    local pidfile
+    for pidfile in "$LONGCTX_STATUS_DIR"/rank-*.pid; do  # the ranks run in sessions of their own under torch's agent
+      [[ -f "$pidfile" ]] && kill -9 "$(cat "$pidfile")" 2>/dev/null
+    done
+    kill -9 -- -"$child" 2>/dev/null || true
+  fi
+}
+trap on_ctrl_c INT
 launch_status=0
 wait "$child" || launch_status=$?
 while kill -0 "$child" 2>/dev/null; do  # a signal interrupted `wait`: keep waiting for the launch itself
   launch_status=0
   wait "$child" || launch_status=$?
 done
+if [[ "$interrupts" -ge 2 ]]; then
+  echo "error: stopped at once by a second Ctrl-C; the step in progress is lost, the last complete checkpoint stays: relaunch the same command to resume from it" >&2
+  exit 130
+fi
 status=0
 "$PYTHON" -m longctx.exit_status "$LONGCTX_STATUS_DIR" "$launch_status" || status=$?  # the reason, as the last line
 if [[ "$WANDB_MODE" == "offline" && "$OUTPUT_DIR/wandb_run.json" -nt "$LONGCTX_STATUS_DIR" ]]; then

@@ -113,18 +113,21 @@ def test_eval_all_checkpoints_rows_match_rouge_score(single_run, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "eval_results.jsonl").read_text().splitlines()]
     assert [(r["checkpoint"], r["global_step"]) for r in rows] == [
-        ("checkpoint-3", 3), ("checkpoint-6", 6), ("checkpoint-7", 7), ("final_adapter", 7)]
+        ("base", 0), ("checkpoint-3", 3), ("checkpoint-6", 6), ("checkpoint-7", 7), ("final_adapter", 7)]
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     for row in rows:
-        preds = [json.loads(line) for line in (out / row["checkpoint"] / "eval_predictions.jsonl").open()]
+        file = out / ("eval_base_predictions.jsonl" if row["checkpoint"] == "base" else
+                      f"{row['checkpoint']}/eval_predictions.jsonl")
+        preds = [json.loads(line) for line in file.open()]
         assert len(preds) == row["num_examples"] == 4
-        assert set(preds[0]) == {"id", "prediction", "reference"}
+        assert set(preds[0]) == {"id", "prediction", "reference", "prompt_tokens", "reference_tokens",
+                                 "prediction_tokens", *ROUGE_TYPES}
         for metric in ROUGE_TYPES:
             expected = sum(scorer.score(sentences_per_line(p["reference"]), sentences_per_line(p["prediction"]))
                            [metric].fmeasure for p in preds) / len(preds)
             assert row[metric] == pytest.approx(expected, abs=1e-12)
             assert 0.0 <= row[metric] <= 1.0
-    best = max(rows, key=lambda r: r["rougeLsum"])
+    best = max(rows[1:], key=lambda r: r["rougeLsum"])  # never the base model
     marked = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(" *")]
     assert len(marked) == 1 and marked[0].startswith(best["checkpoint"])
 
@@ -152,7 +155,7 @@ def test_parquet_data_trains_and_scores_like_the_same_records_in_jsonl(single_ru
     scored = run(["bash", EVAL, "--report_to", "none", "--max_new_tokens", "8"], OUTPUT_DIR=str(out))
     assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "eval_results.jsonl").read_text().splitlines()]
-    assert [r["checkpoint"] for r in rows] == ["checkpoint-3", "checkpoint-6", "checkpoint-7", "final_adapter"]
+    assert [r["checkpoint"] for r in rows] == ["base", "checkpoint-3", "checkpoint-6", "checkpoint-7", "final_adapter"]
     assert all(r["num_examples"] == 4 and r["validation_file"] == str(validation) for r in rows)
     predictions = [json.loads(line) for line in (out / "final_adapter" / "eval_predictions.jsonl").open()]
     assert [p["id"] for p in predictions] == pq.read_table(validation).column("id").to_pylist()

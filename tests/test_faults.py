@@ -108,7 +108,7 @@ def test_a_stop_signal_to_one_rank_checkpoints_the_step_and_the_relaunch_resumes
     step = max(c.global_step for c in checkpoints.find_checkpoints(out, include_final=False))
     assert 4 <= step < 7 and not (out / "final_adapter").exists()
     assert "rank 1: got SIGUSR1; stopping at the end of this optimizer step with a checkpoint" in started.output()
-    assert started.lines[-1] == (f"preempted: stopped for SIGTERM/SIGUSR1 at step {step}: checkpoint-{step} is "
+    assert started.lines[-1] == (f"preempted: stopped for SIGUSR1 at step {step}: checkpoint-{step} is "
                                  f"saved; relaunch the same command to resume from it (the same on ranks 0, 1)")
     _, resume_step = relaunch_resumes(out, flags, **env)
     assert resume_step == step

@@ -14,7 +14,7 @@ from ..errors import ConfigError, DataError, RankFailed
 from ..utils.distributed import print0, teardown
 from ..utils.warning_filters import silence_unactionable_warnings
 from .job import EvalJob, parse_job
-from .scoring import WarnOnce, finish_report, pending_checkpoints, score_all
+from .scoring import WarnOnce, describe, finish_report, pending_checkpoints, score_all
 
 
 def preflight(job: EvalJob) -> int:
@@ -23,7 +23,7 @@ def preflight(job: EvalJob) -> int:
         return exit_status.OK
     todo, _ = pending_checkpoints(job, set(), WarnOnce(follow=False))
     if todo:
-        print0(f"{len(todo)} checkpoint(s) to score: {', '.join(c.name for c in todo)}")
+        print0(f"{describe(todo)} to score: {', '.join(c.name for c in todo)}")
         return exit_status.OK
     finish_report(job)
     return exit_status.NOTHING_TO_SCORE

@@ -15,19 +15,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..data.chat import UNNAMED, ChatFormat, strip_reasoning, template_name
+from ..data.chat import UNNAMED, ChatFormat, plain_text_tokenizer, strip_reasoning, template_name
 from ..data.collate import PadCollator
 from ..data.dataset import load_records, record_id
 from ..data.tokenizer import load_tokenizer
 from ..errors import DataError
 from ..model.loading import load_base_model, resolve_attn_implementation
-from ..run.checkpoints import Checkpoint
 from ..settings import DataArguments, GenerationArguments
 from ..utils.distributed import print0
 from . import rank_failures
+from .results import BaseModel
 
 if TYPE_CHECKING:
     from .job import EvalJob
+    from .results import Scored
 
 
 @dataclass
@@ -162,6 +163,13 @@ class AdapterSwapper:
         self.active: str | None = None
         self.loaded = 0
 
+    def plain(self):
+        """The base model without adapter: only before the first adapter is loaded (peft then wraps the base's
+        layers), hence the base model is scored first."""
+        if self.model is not None:
+            raise RuntimeError("the base model must be scored before any adapter is loaded")
+        return self.base
+
     def activate(self, path: str | Path):
         from peft import PeftModel
 
@@ -216,14 +224,20 @@ class Evaluator:
         }
         self.swapper = AdapterSwapper(base)
 
-    def _my_share(self, ckpt: Checkpoint) -> list[tuple[int, Prediction]]:
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` by the run's tokenizer as plain text (no special token): how a prediction's and a
+        reference's lengths are compared."""
+        return len(plain_text_tokenizer(self.tokenizer).encode(text, add_special_tokens=False).ids)
+
+    def _my_share(self, target: Scored) -> list[tuple[int, Prediction]]:
         self.load()
-        model = self.swapper.activate(ckpt.path)
+        model = self.swapper.plain() if isinstance(target, BaseModel) else self.swapper.activate(target.path)
         batches = share_of_process(make_batches(self.prompts, self.job.generation.generation_batch_size), self.state)
         return generate_batches(model, self.tokenizer, self.prompts, batches, self.job.generation, self.stop_ids)
 
-    def predict(self, ckpt: Checkpoint) -> list[Prediction]:
-        """Every process generates its share; every process receives all predictions in prompt order, or, when
-        any process failed, raises RankFailed at the same moment as the others."""
-        shares = rank_failures.gather(self.state, f"scoring {ckpt.name}", lambda: self._my_share(ckpt))
+    def predict(self, target: Scored) -> list[Prediction]:
+        """Every process generates its share for a checkpoint (its adapter active) or the base model; every process
+        receives all predictions in prompt order, or, when any process failed, raises RankFailed at the same moment
+        as the others."""
+        shares = rank_failures.gather(self.state, f"scoring {target.name}", lambda: self._my_share(target))
         return merge_in_order([pair for share in shares for pair in share], len(self.prompts))

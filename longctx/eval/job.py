@@ -20,6 +20,7 @@ from ..run.checkpoints import Checkpoint
 from ..run.layout import FINAL_ADAPTER, RESULTS_FILE
 from ..settings import DATACLASSES, DataArguments, GenerationArguments, LoraArguments, ModelArguments
 from ..utils.hashing import fingerprint, sha256_file
+from .analysis import length_settings_problem
 from .metrics import scoring_version
 
 PROMPT_SETTINGS = ("max_eval_samples", "document_field", "summary_field", "id_field", "instruction", "system_prompt",
@@ -65,6 +66,21 @@ class EvalArguments:
                                         "run's own value from run_config.yaml): the processes' shares of a "
                                         "checkpoint end at different times. NCCL's own default is 10 minutes."}
     )
+    no_base: bool = field(
+        default=False, metadata={"help": "Do not score the base model. By default --all_checkpoints and --follow "
+                                         "score it once per run (no adapter, the same prompts and generation), as "
+                                         "row 'base' at step 0: what fine-tuning is measured against."}
+    )
+    length_buckets: list[int] | None = field(
+        default=None, metadata={"help": "Prompt-token edges of the report's ROUGE-Lsum by prompt length, e.g. "
+                                        "32768 65536 131072 262144 (buckets up to each edge, then above the last). "
+                                        "Unset: quantiles of the prompt lengths (up to 4) with at least "
+                                        "length_bucket_min_examples each."}
+    )
+    length_bucket_min_examples: int = field(
+        default=5, metadata={"help": "Fewest examples in a prompt-length bucket; one with fewer is merged with a "
+                                     "neighbour. 5: 12 validation examples give 2 buckets, 400 give quartiles."}
+    )
     preflight: bool = field(
         default=False, metadata={"help": "Check the settings and list what needs scoring, loading no model: exit 0 "
                                          "when there is work, 4 when every checkpoint is already scored (report "
@@ -90,6 +106,11 @@ class EvalJob:
     @property
     def results_path(self) -> Path:
         return self.output_dir / RESULTS_FILE
+
+    @property
+    def scores_base(self) -> bool:
+        """The base model is scored with the run (--all_checkpoints, --follow), not for one --checkpoint."""
+        return self.single is None and not self.options.no_base
 
 
 def scoring_settings(model: ModelArguments, data: DataArguments, generation: GenerationArguments,
@@ -118,12 +139,15 @@ def all_setting_names() -> set[str]:
     return {f.name for cls in DATACLASSES for f in dataclasses.fields(cls)}
 
 
-def _check_positive(options: EvalArguments) -> None:
+def _check_options(options: EvalArguments) -> None:
     if options.follow_poll_seconds <= 0:
         raise ConfigError(f"setting 'follow_poll_seconds' = {options.follow_poll_seconds!r}: use a positive number.")
     if options.follow_timeout_seconds is not None and options.follow_timeout_seconds <= 0:
         raise ConfigError(f"setting 'follow_timeout_seconds' = {options.follow_timeout_seconds!r}: use a positive "
                           f"number, or leave it unset to wait for {FINAL_ADAPTER}.")
+    problem = length_settings_problem(options.length_buckets, options.length_bucket_min_examples)
+    if problem:
+        raise ConfigError(problem)
 
 
 def parse_job(argv: list[str] | None) -> EvalJob:
@@ -137,7 +161,7 @@ def parse_job(argv: list[str] | None) -> EvalJob:
     check_records(data.validation_file, data)
     validate_generation(generation)
     validate_attention_masks(model, data, generation)
-    _check_positive(options)
+    _check_options(options)
     single = None
     if options.checkpoint:
         if options.follow:

@@ -36,10 +36,15 @@ def scoring_version() -> str:
 
 def rouge_per_example(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
     """F-measure of each ROUGE type for each (prediction, reference) pair, as fractions in [0, 1]."""
-    return [{name: scores[name].fmeasure for name in ROUGE_TYPES} for scores in _scores(predictions, references)]
+    return fmeasures(score_pairs(predictions, references))
 
 
-def _scores(predictions: list[str], references: list[str]) -> list[dict[str, scoring.Score]]:
+def fmeasures(per_example: list[dict[str, scoring.Score]]) -> list[dict[str, float]]:
+    """The F-measure of each ROUGE type of each example of `score_pairs`."""
+    return [{name: scores[name].fmeasure for name in ROUGE_TYPES} for scores in per_example]
+
+
+def score_pairs(predictions: list[str], references: list[str]) -> list[dict[str, scoring.Score]]:
     """rouge_score's precision / recall / F-measure of each ROUGE type for each pair."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
@@ -59,14 +64,19 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 def rouge_with_intervals(predictions: list[str], references: list[str], confidence: float = 0.95,
                          n_samples: int = 1000, seed: int = 0) -> dict[str, float]:
     """`rouge` plus bootstrap confidence intervals: for each ROUGE type, the mean F-measure under its own name and
-    the interval as `<type>_low` / `<type>_high` (fractions in [0, 1]).
+    the interval as `<type>_low` / `<type>_high` (fractions in [0, 1])."""
+    return means_with_intervals(score_pairs(predictions, references), confidence, n_samples, seed)
+
+
+def means_with_intervals(per_example: list[dict[str, scoring.Score]], confidence: float = 0.95,
+                         n_samples: int = 1000, seed: int = 0) -> dict[str, float]:
+    """The means and intervals of `rouge_with_intervals` from the examples' scores (`score_pairs`).
 
     The interval is rouge_score's BootstrapAggregator (percentiles of `n_samples` resampled means). The mid value
     is the exact mean, as `rouge` returns it, not the aggregator's median of resampled means. The aggregator draws
     from NumPy's global generator, so it is seeded here and the caller's generator state is restored afterwards:
     the same inputs always give the same interval, and nothing else is disturbed.
     """
-    per_example = _scores(predictions, references)
     if not per_example:
         raise ValueError("no examples to score")
     aggregator = scoring.BootstrapAggregator(confidence_interval=confidence, n_samples=n_samples)

@@ -1,18 +1,24 @@
-"""The progression of a run at a glance: summary table, ROUGE by step, loss curve, link to the best checkpoint.
+"""The progression of a run at a glance, and the three questions it exists for: did fine-tuning beat the base
+model, is the best checkpoint really better than the others, does quality hold as documents get longer.
 
     python -m longctx.eval.report runs/000_tiny_smoke     # redraw; eval_all_checkpoints.sh does this after scoring
 
 Writes into the run directory:
-  eval_summary.md     table by step (ROUGE with 95% bootstrap intervals, eval loss; predictions empty, with a
-                      reasoning block removed, stopped by max_new_tokens), the best checkpoint by ROUGE-Lsum and by
-                      eval loss, the generation settings, the references longer than max_new_tokens
-  rouge_by_step.png   ROUGE-1/2/L/Lsum against global step, interval bands, best ROUGE-Lsum starred
+  eval_summary.md     table by step, the base model (step 0) first (ROUGE with 95% bootstrap intervals, eval loss,
+                      mean prediction / reference tokens; predictions empty, with a reasoning block removed, stopped
+                      by max_new_tokens), the best checkpoint by ROUGE-Lsum (never the base) with its paired
+                      differences to the base model, the final adapter and every other checkpoint, ROUGE-Lsum by
+                      prompt length, the best by eval loss, the generation settings
+  rouge_by_step.png   ROUGE-1/2/L/Lsum against global step (the base model at 0), interval bands, best starred
   rouge_by_step.csv   the plotted points: step, checkpoint, each metric with its interval (_low, _high)
+  rouge_by_length.png ROUGE-Lsum by prompt-length bucket for the base model, the best checkpoint and final_adapter
+  rouge_by_length.csv the plotted points: bucket, its bounds and prompt tokens seen, n, checkpoint, the interval
   loss_curve.png      train and eval loss from trainer_state.json, checkpoint steps and the best one marked
   loss_curve.csv      the plotted points: step, train_loss, eval_loss (empty where not logged at that step)
   best_checkpoint     symbolic link (relative) to the best checkpoint by ROUGE-Lsum
 
-Everything here reads results rows and trainer_state.json; nothing loads a model.
+Everything here reads results rows, predictions files (per-example scores and prompt lengths: the paired and length
+analyses, longctx.eval.analysis) and trainer_state.json; nothing loads a model.
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ import csv
 import io
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..run import checkpoints
 from ..run.layout import (
+    BASE_MODEL,
     BEST_LINK,
     FINAL_ADAPTER,
+    LENGTH_CSV,
+    LENGTH_PLOT,
     LOSS_CSV,
     LOSS_PLOT,
     RESULTS_FILE,
@@ -36,8 +46,10 @@ from ..run.layout import (
     TRAINER_STATE,
 )
 from ..utils.atomic_write import atomic_path, write_atomic
+from . import analysis
+from .analysis import Bucket, Interval
 from .metrics import ROUGE_TYPES
-from .results import read_results, select_rows
+from .results import read_predictions, read_results, row_predictions_path, select_rows
 
 LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 
@@ -49,8 +61,8 @@ def by_step(rows: list[dict]) -> list[dict]:
 
 
 def best_row(rows: list[dict], metric: str = "rougeLsum") -> dict | None:
-    """Highest `metric`; ties go to the earliest step."""
-    rows = [r for r in by_step(rows) if r.get(metric) is not None]
+    """Highest `metric` among the trained checkpoints (never the base model); ties go to the earliest step."""
+    rows = [r for r in by_step(rows) if r.get(metric) is not None and r["checkpoint"] != BASE_MODEL]
     return max(rows, key=lambda r: r[metric]) if rows else None
 
 
@@ -84,11 +96,188 @@ def _cell(row: dict, metric: str) -> str:
     return f"{row[metric]:.4f} [{low:.3f}, {high:.3f}]"
 
 
-def summary_markdown(rows: list[dict], trainer_state: dict, run_dir: str | Path = ".") -> str:
+# ---- the paired and length analyses, from the predictions files --------------------------------------------------
+
+@dataclass(frozen=True)
+class Examples:
+    """One row's predictions file, in prompt order: what the analyses read."""
+
+    ids: tuple[str, ...]
+    rouge_lsum: tuple[float, ...]
+    prompt_tokens: tuple[int, ...]
+
+
+def read_examples(run_dir: str | Path, row: dict) -> Examples | str:
+    """The per-example records of a row's predictions file, or why they cannot be used (one phrase)."""
+    path = row_predictions_path(run_dir, row)
+    try:
+        lines = read_predictions(path)
+    except FileNotFoundError:
+        return f"no {path.name} (deleted with its checkpoint, e.g. by save_total_limit)"
+    except (OSError, ValueError) as err:
+        return f"{path.name} is unreadable ({err})"
+    if not lines or any("rougeLsum" not in line or "prompt_tokens" not in line for line in lines):
+        return f"{path.name} has no per-example scores (scored before they were recorded; --force scores it again)"
+    mean = sum(line["rougeLsum"] for line in lines) / len(lines)
+    if len(lines) != row.get("num_examples") or abs(mean - row["rougeLsum"]) > 1e-9:
+        return f"{path.name} holds other predictions than its row (scored again since, with other settings)"
+    return Examples(tuple(str(line["id"]) for line in lines), tuple(float(line["rougeLsum"]) for line in lines),
+                    tuple(int(line["prompt_tokens"]) for line in lines))
+
+
+@dataclass
+class Findings:
+    """What the predictions files say beyond the table: the best checkpoint minus every other row on the same
+    examples (paired), and ROUGE-Lsum by prompt-length bucket for the base model, the best checkpoint and
+    final_adapter."""
+
+    best: dict | None = None
+    left_out: dict[str, str] = field(default_factory=dict)  # row -> why its examples are not in the analysis
+    paired: list[tuple[dict, Interval]] = field(default_factory=list)  # (other row, best minus other), by step
+    prompt_tokens: tuple[int, ...] = ()
+    buckets: list[Bucket] = field(default_factory=list)
+    bucket_rule: str = ""
+    by_length: list[tuple[dict, list[Interval]]] = field(default_factory=list)  # (row, one interval per bucket)
+
+    def difference(self, name: str) -> Interval | None:
+        """The best checkpoint minus row `name`, or None when not compared."""
+        return next((d for r, d in self.paired if r["checkpoint"] == name), None)
+
+    @property
+    def not_distinguishable(self) -> list[str]:
+        """Trained checkpoints whose paired interval of the difference to the best includes 0."""
+        return [r["checkpoint"] for r, d in self.paired if r["checkpoint"] != BASE_MODEL and not d.excludes_zero]
+
+    @property
+    def best_line(self) -> str:
+        """The best checkpoint's paired differences to the base model and to final_adapter, and the checkpoints it
+        is not distinguishable from. Empty when there is no paired analysis."""
+        if not self.best or not self.paired:
+            return ""
+        parts = []
+        for name, label in ((BASE_MODEL, "base model"), (FINAL_ADAPTER, FINAL_ADAPTER)):
+            difference = self.difference(name)
+            if difference is not None:
+                verdict = "excludes" if difference.excludes_zero else "includes"
+                parts.append(f"{label} {_signed(difference)}, {verdict} 0")
+        same = self.not_distinguishable
+        line = ("Paired differences (best minus other, 95% interval): " + "; ".join(parts) + ". ") if parts else ""
+        return line + (f"Not distinguishable from (paired interval includes 0): {', '.join(same)}." if same else
+                       "Distinguishable from every other checkpoint (every paired interval excludes 0).")
+
+
+def _signed(interval: Interval) -> str:
+    if interval.low is None:
+        return f"{interval.mean:+.4f} (no interval: one example)"
+    return f"{interval.mean:+.4f} [{interval.low:+.3f}, {interval.high:+.3f}]"
+
+
+def _interval_cell(interval: Interval) -> str:
+    if interval.low is None:
+        return f"{interval.mean:.4f}"
+    return f"{interval.mean:.4f} [{interval.low:.3f}, {interval.high:.3f}]"
+
+
+def bucket_rule(edges: list[int] | None, min_examples: int, buckets: list[Bucket], num_examples: int) -> str:
+    if edges is not None:
+        return (f"prompt-token edges {', '.join(f'{e:,}' for e in edges)} (length_buckets); a bucket with fewer than "
+                f"{min_examples} examples is merged with a neighbour, an empty one left out")
+    rule = (f"quantiles of the prompt token counts (up to {analysis.MAX_QUANTILE_BUCKETS}) with at least "
+            f"{min_examples} examples each (length_bucket_min_examples)")
+    if len(buckets) == 1:
+        rule += f"; {num_examples} examples are fewer than 2 x {min_examples}: one bucket"
+    return rule
+
+
+def analyse(run_dir: str | Path, rows: list[dict], length_buckets: list[int] | None = None,
+            min_examples: int = 5) -> Findings:
+    """The paired comparisons and the length table of these rows, from their predictions files. A row whose file
+    is missing, has no per-example scores, or holds other predictions than the row is left out (`left_out`)."""
+    rows = by_step(rows)
+    findings = Findings(best=best_row(rows))
+    examples: dict[str, Examples] = {}
+    for row in rows:
+        read = read_examples(run_dir, row)
+        if isinstance(read, str):
+            findings.left_out[row["checkpoint"]] = read
+        else:
+            examples[row["checkpoint"]] = read
+    best = findings.best["checkpoint"] if findings.best else None
+    reference = examples.get(best) or next(iter(examples.values()), None)
+    if reference is None:
+        return findings
+    for name, read in list(examples.items()):
+        if read.ids != reference.ids:
+            findings.left_out[name] = "its examples are not the others' (other validation data)"
+            del examples[name]
+    if best in examples:
+        findings.paired = [(row, analysis.paired_difference(examples[best].rouge_lsum,
+                                                             examples[row["checkpoint"]].rouge_lsum))
+                           for row in rows if row["checkpoint"] in examples and row["checkpoint"] != best]
+    findings.prompt_tokens = reference.prompt_tokens
+    findings.buckets = analysis.length_buckets(reference.prompt_tokens, length_buckets, min_examples)
+    findings.bucket_rule = bucket_rule(length_buckets, min_examples, findings.buckets, len(reference.ids))
+    shown = [BASE_MODEL, best, FINAL_ADAPTER]
+    for row in rows:
+        name = row["checkpoint"]
+        if name in examples and name in shown and not any(r["checkpoint"] == name for r, _ in findings.by_length):
+            findings.by_length.append((row, analysis.by_bucket(examples[name].rouge_lsum, findings.buckets)))
+    return findings
+
+
+def _model_label(row: dict, best: dict | None) -> str:
+    return f"{row['checkpoint']} (best)" if best is not None and row["checkpoint"] == best["checkpoint"] \
+        else row["checkpoint"]
+
+
+def _tokens_cell(row: dict) -> str:
+    if row.get("mean_prediction_tokens") is None or row.get("mean_reference_tokens") is None:
+        return ""
+    return f"{row['mean_prediction_tokens']:.1f} / {row['mean_reference_tokens']:.1f}"
+
+
+def analysis_markdown(findings: Findings) -> list[str]:
+    """The summary's sections on the paired comparisons and on ROUGE-Lsum by prompt length."""
+    lines = []
+    best = findings.best
+    if findings.left_out:
+        lines += ["- Left out of the paired and length analysis: "
+                  + "; ".join(f"{name}: {why}" for name, why in findings.left_out.items()) + ".", ""]
+    if findings.paired:
+        n = findings.paired[0][1].n
+        lines += [f"## Is {best['checkpoint']} better? Paired differences in ROUGE-Lsum", "",
+                  f"{best['checkpoint']} minus each other row on the same {n} examples: the mean difference and its "
+                  f"95% paired bootstrap interval (scipy.stats.bootstrap, paired=True, percentile, "
+                  f"{analysis.RESAMPLES:,} resamples, seed {analysis.SEED}). An interval that excludes 0 is a "
+                  f"difference the examples support; one that includes 0 is not distinguishable.", "",
+                  "| other | step | its ROUGE-Lsum | best minus other [95% interval] | excludes 0 |",
+                  "|---|---:|---:|---:|---|"]
+        for row, difference in findings.paired:
+            lines.append(f"| {row['checkpoint']} | {row['global_step']} | {row['rougeLsum']:.4f} | "
+                         f"{_signed(difference)} | {'yes' if difference.excludes_zero else 'no'} |")
+        lines.append("")
+    if findings.by_length:
+        header = [_model_label(row, best) for row, _ in findings.by_length]
+        lines += ["## ROUGE-Lsum by prompt length", "",
+                  f"Buckets: {findings.bucket_rule}. Each cell: mean ROUGE-Lsum of the bucket's examples [95% "
+                  f"bootstrap interval] (scipy.stats.bootstrap, percentile, seed {analysis.SEED}).", "",
+                  "| prompt tokens | seen | n | " + " | ".join(header) + " |",
+                  "|---|---|---:|" + "---:|" * len(header)]
+        for i, bucket in enumerate(findings.buckets):
+            seen = [findings.prompt_tokens[j] for j in bucket.indices]
+            lines.append(f"| {bucket.label} | {min(seen):,}-{max(seen):,} | {len(bucket.indices)} | "
+                         + " | ".join(_interval_cell(intervals[i]) for _, intervals in findings.by_length) + " |")
+        lines += ["", f"![ROUGE-Lsum by prompt length]({LENGTH_PLOT})", ""]
+    return lines
+
+
+def summary_markdown(rows: list[dict], trainer_state: dict, run_dir: str | Path = ".",
+                     findings: Findings | None = None) -> str:
     rows = by_step(rows)
     losses = eval_losses(trainer_state)
     best = best_row(rows)
-    with_loss = [r for r in rows if r["global_step"] in losses]
+    findings = findings or Findings(best=best)
+    with_loss = [r for r in rows if r["global_step"] in losses and r["checkpoint"] != BASE_MODEL]
     best_loss = min(with_loss, key=lambda r: losses[r["global_step"]]) if with_loss else None
     lines = [f"# Evaluation of {Path(run_dir).resolve().name}", ""]
     if rows:
@@ -108,10 +297,13 @@ def summary_markdown(rows: list[dict], trainer_state: dict, run_dir: str | Path 
         lines.append("- ROUGE: rouge_score, stemmed, F-measure as fractions; [low, high] is the 95% bootstrap "
                      "interval. Empty predictions score 0. Reasoning blocks (`<think>...</think>`) are removed "
                      "before scoring (column think); column max: predictions stopped by max_new_tokens.")
+        lines.append("- Row `base` (step 0): the base model without adapter, the same prompts and generation. Column "
+                     "tokens: mean prediction / mean reference tokens (the run's tokenizer, plain text).")
         lines.append("")
     if best:
         lines.append(f"**Best by ROUGE-Lsum:** {best['checkpoint']} (step {best['global_step']}): "
-                     f"ROUGE-Lsum {_cell(best, 'rougeLsum')}.  ")
+                     f"ROUGE-Lsum {_cell(best, 'rougeLsum')}." + (f" {findings.best_line}" if findings.best_line
+                                                                  else "") + "  ")
     if best_loss:
         lines.append(f"**Best by eval loss:** {best_loss['checkpoint']} (step {best_loss['global_step']}): "
                      f"eval loss {losses[best_loss['global_step']]:.4f}.")
@@ -119,17 +311,18 @@ def summary_markdown(rows: list[dict], trainer_state: dict, run_dir: str | Path 
         lines.append("**Best by eval loss:** no eval loss in trainer_state.json at the scored steps.")
     counts = ("num_empty", "num_think_stripped", "num_hit_max_new_tokens")
     lines += ["", "| checkpoint | step | " + " | ".join(LABELS[m] for m in ROUGE_TYPES)
-              + " | eval loss | empty | think | max | n |",
-              "|---|---:|" + "---:|" * len(ROUGE_TYPES) + "---:|" * (len(counts) + 2)]
+              + " | eval loss | tokens | empty | think | max | n |",
+              "|---|---:|" + "---:|" * len(ROUGE_TYPES) + "---:|" * (len(counts) + 3)]
     for r in rows:
         name = f"**{r['checkpoint']}**" if r is best else r["checkpoint"]
         loss = losses.get(r["global_step"])
         lines.append(f"| {name} | {r['global_step']} | " + " | ".join(_cell(r, m) for m in ROUGE_TYPES)
-                     + f" | {'' if loss is None else f'{loss:.4f}'} | "
+                     + f" | {'' if loss is None else f'{loss:.4f}'} | {_tokens_cell(r)} | "
                      + " | ".join(str(r.get(c, "")) for c in counts) + f" | {r['num_examples']} |")
     if not rows:
-        lines.append("| (no checkpoint scored yet) |" + " |" * (len(ROUGE_TYPES) + len(counts) + 3))
-    lines += ["", f"![ROUGE by step]({ROUGE_PLOT})", "", f"![Loss]({LOSS_PLOT})", ""]
+        lines.append("| (no checkpoint scored yet) |" + " |" * (len(ROUGE_TYPES) + len(counts) + 4))
+    lines += ["", *analysis_markdown(findings)]
+    lines += [f"![ROUGE by step]({ROUGE_PLOT})", "", f"![Loss]({LOSS_PLOT})", ""]
     return "\n".join(lines)
 
 
@@ -212,6 +405,8 @@ def plot_rouge(points: list[dict], best: dict | None, num_examples: int, path: s
     if best:
         ax.plot([best["global_step"]], [best["rougeLsum"]], marker="*", markersize=16, color="black",
                 linestyle="none", label=f"best ROUGE-Lsum: {best['checkpoint']}")
+    if points and points[0]["checkpoint"] == BASE_MODEL:  # step 0: the model before training
+        ax.annotate("base model", (0, points[0]["rougeLsum"]), textcoords="offset points", xytext=(4, 8), fontsize=8)
     _step_axis(ax, steps)
     ax.set_ylabel("F-measure")
     ax.set_ylim(0, 1)
@@ -279,19 +474,82 @@ def link_best(run_dir: str | Path, row: dict | None) -> Path | None:
     return link
 
 
-def write_report(run_dir: str | Path, rows: list[dict]) -> dict[str, Path]:
-    """eval_summary.md, the two plots with their data as CSV, and the best_checkpoint link for these rows."""
+def length_points(findings: Findings) -> list[dict]:
+    """What rouge_by_length.png plots: per bucket (its label, the bounds of its rule, the prompt tokens seen in it,
+    n) and shown row (base, best, final_adapter), the mean ROUGE-Lsum and its interval (None without one)."""
+    points = []
+    for row, intervals in findings.by_length:
+        for bucket, interval in zip(findings.buckets, intervals):
+            seen = [findings.prompt_tokens[i] for i in bucket.indices]
+            points.append({"bucket": bucket.label, "prompt_tokens_above": bucket.low,
+                           "prompt_tokens_up_to": bucket.high, "prompt_tokens_min": min(seen), "prompt_tokens_max": max(seen), "n": interval.n,
+                           "checkpoint": row["checkpoint"], "global_step": row["global_step"],
+                           "rougeLsum": interval.mean, "rougeLsum_low": interval.low,
+                           "rougeLsum_high": interval.high})
+    return points
+
+
+LENGTH_STYLES = {BASE_MODEL: dict(marker="s", color="tab:gray"), "best": dict(marker="o", color="tab:blue"),
+                 FINAL_ADAPTER: dict(marker="D", color="tab:orange", fillstyle="none")}
+
+
+def plot_length(points: list[dict], best: dict | None, path: str | Path) -> Path:
+    """ROUGE-Lsum by prompt-length bucket (`points`: length_points), one series per shown row with its interval as
+    error bars, side by side within each bucket."""
+    plt = _pyplot()
+
+    path = Path(path)
+    buckets = list(dict.fromkeys(p["bucket"] for p in points))
+    names = list(dict.fromkeys(p["checkpoint"] for p in points))
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    width = 0.6 / max(len(names), 1)
+    for k, name in enumerate(names):
+        mine = [p for p in points if p["checkpoint"] == name]
+        x = [buckets.index(p["bucket"]) + (k - (len(names) - 1) / 2) * width for p in mine]
+        y = [p["rougeLsum"] for p in mine]
+        below = [p["rougeLsum"] - p["rougeLsum_low"] if p["rougeLsum_low"] is not None else 0 for p in mine]
+        above = [p["rougeLsum_high"] - p["rougeLsum"] if p["rougeLsum_high"] is not None else 0 for p in mine]
+        is_best = best is not None and name == best["checkpoint"]
+        style = LENGTH_STYLES["best" if is_best else name] if is_best or name in LENGTH_STYLES else {}
+        ax.errorbar(x, y, yerr=[below, above], linestyle="none", capsize=4, markersize=7,
+                    label=f"{name} (best)" if is_best else ("base model" if name == BASE_MODEL else name), **style)
+    first = {p["bucket"]: p for p in reversed(points)}
+    ax.set_xticks(range(len(buckets)))
+    ax.set_xticklabels([f"{b}\n(n={first[b]['n']}; seen {first[b]['prompt_tokens_min']:,}-"
+                        f"{first[b]['prompt_tokens_max']:,})" for b in buckets], fontsize=8)
+    ax.set_xlim(-0.6, len(buckets) - 0.4)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("ROUGE-Lsum (F-measure)")
+    ax.set_ylim(-0.03, 1)  # a model that scores 0 (an untrained base) stays visible
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title("ROUGE-Lsum by prompt length (error bars: 95% bootstrap interval)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: str | Path, rows: list[dict], findings: Findings | None = None) -> dict[str, Path]:
+    """eval_summary.md, the plots with their data as CSV, and the best_checkpoint link for these rows. `findings`:
+    analyse's (computed here with the default buckets when not given)."""
     run_dir = Path(run_dir)
     state = latest_trainer_state(run_dir)
     best = best_row(rows)
-    out = {"summary": write_atomic(run_dir / SUMMARY_FILE, summary_markdown(rows, state, run_dir))}
+    findings = findings if findings is not None else analyse(run_dir, rows)
+    out = {"summary": write_atomic(run_dir / SUMMARY_FILE, summary_markdown(rows, state, run_dir, findings))}
     if rows:
         points = rouge_points(rows)
         out["rouge_plot"] = plot_rouge(points, best, by_step(rows)[0]["num_examples"], run_dir / ROUGE_PLOT)
         out["rouge_data"] = write_csv(run_dir / ROUGE_CSV, points)
+    by_length = length_points(findings)
+    if by_length:
+        out["length_plot"] = plot_length(by_length, best, run_dir / LENGTH_PLOT)
+        out["length_data"] = write_csv(run_dir / LENGTH_CSV, by_length)
     losses = loss_points(state)
     if losses:  # nothing logged (no trainer_state.json): no loss plot
-        out["loss_plot"] = plot_loss(losses, run_dir / LOSS_PLOT, [r["global_step"] for r in rows],
+        out["loss_plot"] = plot_loss(losses, run_dir / LOSS_PLOT,
+                                     [r["global_step"] for r in rows if r["checkpoint"] != BASE_MODEL],
                                      best["global_step"] if best else None)
         out["loss_data"] = write_csv(run_dir / LOSS_CSV, losses)
     link = link_best(run_dir, best)
@@ -307,12 +565,14 @@ def format_table(rows: list[dict]) -> str:
     rows = by_step(rows)
     best = best_row(rows)
     lines = [f"{'checkpoint':<24}{'step':>8}" + "".join(f"{m:>11}" for m in ROUGE_TYPES)
-             + f"{'Lsum 95% CI':>18}{'empty':>7}{'n':>6}"]
+             + f"{'Lsum 95% CI':>18}{'tokens pred/ref':>17}{'empty':>7}{'n':>6}"]
     for r in rows:
         ci = f"[{r['rougeLsum_low']:.3f}, {r['rougeLsum_high']:.3f}]" if "rougeLsum_low" in r else ""
         lines.append(f"{r['checkpoint']:<24}{r['global_step']:>8}" + "".join(f"{r[m]:>11.4f}" for m in ROUGE_TYPES)
-                     + f"{ci:>18}{r.get('num_empty', ''):>7}{r['num_examples']:>6}" + (" *" if r is best else ""))
-    lines.append(f"* best by rougeLsum: {best['checkpoint']} (step {best['global_step']})")
+                     + f"{ci:>18}{_tokens_cell(r):>17}{r.get('num_empty', ''):>7}{r['num_examples']:>6}"
+                     + (" *" if r is best else ""))
+    lines.append(f"* best by rougeLsum: {best['checkpoint']} (step {best['global_step']})" if best else
+                 "* no trained checkpoint scored yet")
     return "\n".join(lines)
 
 
@@ -322,6 +582,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Redraw the evaluation report of a run from eval_results.jsonl "
                                                  "(the settings of its newest row).")
     parser.add_argument("run_dir")
+    parser.add_argument("--length_buckets", type=int, nargs="+", default=None,
+                        help="prompt-token edges of the length table (default: quantiles)")
+    parser.add_argument("--length_bucket_min_examples", type=int, default=5,
+                        help="fewest examples in a length bucket (default 5)")
     args = parser.parse_args(argv)
     results = Path(args.run_dir) / RESULTS_FILE
     rows = read_results(results, warn=lambda message: print(message, file=sys.stderr))
@@ -329,7 +593,13 @@ def main(argv: list[str] | None = None) -> None:
         found = "holds no results row" if results.is_file() else "not found"
         print(f"error: {results}: {found}; score the run first (eval_all_checkpoints.sh).", file=sys.stderr)
         sys.exit(2)
-    for name, path in write_report(args.run_dir, select_rows(rows, rows[-1].get("eval_fingerprint"))).items():
+    problem = analysis.length_settings_problem(args.length_buckets, args.length_bucket_min_examples)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    rows = select_rows(rows, rows[-1].get("eval_fingerprint"))
+    findings = analyse(args.run_dir, rows, args.length_buckets, args.length_bucket_min_examples)
+    for name, path in write_report(args.run_dir, rows, findings).items():
         print(f"{name}: {path}")
 
 

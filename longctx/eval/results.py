@@ -1,4 +1,6 @@
-"""The results store: RUN_DIR/eval_results.jsonl (one row per scored checkpoint) and CHECKPOINT/eval_predictions.jsonl.
+"""The results store: RUN_DIR/eval_results.jsonl (one row per scored checkpoint, and `base`, the model without
+adapter) and the predictions files (CHECKPOINT/eval_predictions.jsonl, RUN_DIR/eval_base_predictions.jsonl): one
+line per validation example with its token counts and ROUGE scores, what every later analysis reads.
 
 A row is reused instead of scored again when its eval_fingerprint (longctx.eval.job.scoring_settings: a hash of
 everything that changes the predictions or their scores) equals the current one. Rows are
@@ -15,15 +17,51 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
-from ..run.layout import PREDICTIONS_FILE, RESULTS_FILE
+from ..run.checkpoints import Checkpoint
+from ..run.layout import BASE_MODEL, BASE_PREDICTIONS_FILE, PREDICTIONS_FILE, RESULTS_FILE
 from ..utils.atomic_write import write_atomic
+from .metrics import ROUGE_TYPES
 
 if TYPE_CHECKING:
-    from ..run.checkpoints import Checkpoint
     from .generation import Prediction, Prompt
+
+# The keys of a predictions line: the example, then what the analyses read (token counts, ROUGE F-measures).
+EXAMPLE_FIELDS = ("prompt_tokens", "reference_tokens", "prediction_tokens", *ROUGE_TYPES)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The base model without adapter, scored as step 0 of the run in `run_dir`: its row is `base`, its predictions
+    RUN_DIR/eval_base_predictions.jsonl. Scored before any adapter is loaded (the swapper then holds the plain base)."""
+
+    run_dir: Path
+    name: ClassVar[str] = BASE_MODEL
+    global_step: ClassVar[int] = 0
+
+
+Scored = Checkpoint | BaseModel  # what one results row scores
+
+
+def predictions_path(target: Scored) -> Path:
+    if isinstance(target, BaseModel):
+        return target.run_dir / BASE_PREDICTIONS_FILE
+    return target.path / PREDICTIONS_FILE
+
+
+def row_predictions_path(run_dir: str | Path, row: dict) -> Path:
+    """The predictions file of a results row: the checkpoint's in the run, or where it was scored from
+    (--checkpoint elsewhere)."""
+    run_dir = Path(run_dir)
+    if row["checkpoint"] == BASE_MODEL:
+        return run_dir / BASE_PREDICTIONS_FILE
+    path = run_dir / row["checkpoint"] / PREDICTIONS_FILE
+    if not path.parent.is_dir() and row.get("checkpoint_path"):
+        path = Path(row["checkpoint_path"]) / PREDICTIONS_FILE
+    return path
 
 
 def read_results(path: str | Path, warn: Callable[[str], None] = print) -> list[dict]:
@@ -91,17 +129,33 @@ def save_row(path: str | Path, row: dict, warn: Callable[[str], None] = print) -
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in [*rows, row]))
 
 
-def write_predictions(ckpt: Checkpoint, prompts: list[Prompt], predictions: list[Prediction],
-                      warn: Callable[[str], None] = print) -> None:
-    """CHECKPOINT/eval_predictions.jsonl: id, prediction (as scored), reference per validation prompt, and
-    raw_prediction (the decoded output) where it differs from the prediction."""
-    if not ckpt.path.is_dir():  # deleted meanwhile (save_total_limit): the row still records the scores
-        warn(f"{ckpt.path} is gone; its predictions are not written")
-        return
-    lines = []
-    for prompt, prediction in zip(prompts, predictions):
+def example_records(prompts: list[Prompt], predictions: list[Prediction], scores: list[dict[str, float]],
+                    count_tokens: Callable[[str], int]) -> list[dict]:
+    """One predictions line per example: id, prediction (as scored), reference, raw_prediction (the decoded output)
+    where it differs from the prediction; prompt_tokens (the prompt generated from), reference_tokens and
+    prediction_tokens (`count_tokens`: the run's tokenizer on the plain text, no special token, the same count for
+    both); the ROUGE F-measures of `scores` (metrics.rouge_per_example)."""
+    records = []
+    for prompt, prediction, score in zip(prompts, predictions, scores):
         line = {"id": prompt.id, "prediction": prediction.text, "reference": prompt.reference}
         if prediction.raw != prediction.text:
             line["raw_prediction"] = prediction.raw
-        lines.append(json.dumps(line) + "\n")
-    write_atomic(ckpt.path / PREDICTIONS_FILE, "".join(lines))
+        line.update(prompt_tokens=len(prompt.input_ids), reference_tokens=count_tokens(prompt.reference),
+                    prediction_tokens=count_tokens(prediction.text),
+                    **{name: float(score[name]) for name in ROUGE_TYPES})
+        records.append(line)
+    return records
+
+
+def write_predictions(target: Scored, records: list[dict], warn: Callable[[str], None] = print) -> None:
+    """The predictions file of `target` (`example_records`), written whole."""
+    path = predictions_path(target)
+    if not path.parent.is_dir():  # deleted meanwhile (save_total_limit): the row still records the scores
+        warn(f"{path.parent} is gone; its predictions are not written")
+        return
+    write_atomic(path, "".join(json.dumps(line) + "\n" for line in records))
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """The lines of a predictions file (OSError / ValueError when it is missing or not JSON lines)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,6 +1,7 @@
-"""The scoring loop: what to score now (complete checkpoints not yet scored with these settings), each checkpoint's
-predictions on every rank, its results row, W&B and the report on rank 0. Every step where the other ranks wait for
-rank 0, or for each other, goes through `rank_failures`, so a failure anywhere stops every rank."""
+"""The scoring loop: what to score now (the base model, then complete checkpoints, not yet scored with these
+settings), each one's predictions on every rank, its predictions file and results row, W&B and the report on rank 0.
+Every step where the other ranks wait for rank 0, or for each other, goes through `rank_failures`, so a failure
+anywhere stops every rank."""
 
 from __future__ import annotations
 
@@ -19,14 +20,14 @@ from ..errors import ConfigError
 from ..planner.evaluation import shared_gpus_warning
 from ..planner.runplan import make_evaluation_plan
 from ..run import checkpoints
-from ..run.checkpoints import Checkpoint
 from ..run.directory import visible_gpus
 from ..run.layout import FINAL_ADAPTER, RUN_INFO
 from ..utils.distributed import print0, teardown, use_timeout_for_new_groups
 from . import rank_failures, report, results
 from .generation import Evaluator, Prediction
 from .job import EvalArguments, EvalJob
-from .metrics import ROUGE_TYPES, rouge_with_intervals
+from .metrics import ROUGE_TYPES, fmeasures, means_with_intervals, score_pairs
+from .results import BaseModel, Scored
 from .wandb_log import WandbLogger
 
 
@@ -44,9 +45,10 @@ class WarnOnce:
             print0(message + self.suffix)
 
 
-def pending_checkpoints(job: EvalJob, done: set[str], warn: WarnOnce) -> tuple[list[Checkpoint], bool]:
-    """(checkpoints to score now, whether final_adapter is among those found). Rank 0 only. `done`: the names this
-    invocation has scored or found scored; those found scored now are added to it.
+def pending_checkpoints(job: EvalJob, done: set[str], warn: WarnOnce) -> tuple[list[Scored], bool]:
+    """(what to score now: the base model first, unless --no_base or --checkpoint, then checkpoints in step order;
+    whether final_adapter is among the checkpoints found). Rank 0 only. `done`: the names this invocation has scored
+    or found scored; those found scored now are added to it.
 
     Raises ConfigError when, without --follow, the run holds no complete checkpoint at all."""
     already = results.scored_names(results.read_results(job.results_path, warn), job.fingerprint)
@@ -59,7 +61,7 @@ def pending_checkpoints(job: EvalJob, done: set[str], warn: WarnOnce) -> tuple[l
         raise ConfigError(f"setting 'output_dir' = {str(job.output_dir)!r}: holds no complete checkpoint yet; wait "
                           f"for training to save one, or add --follow to score them as they appear.")
     todo, skipped = [], []
-    for ckpt in found:
+    for ckpt in ([BaseModel(job.output_dir)] if job.scores_base else []) + found:
         if ckpt.name in done:
             continue
         if ckpt.name in already and not job.options.force:
@@ -80,40 +82,59 @@ def prediction_counts(predictions: list[Prediction]) -> dict[str, int]:
             "num_hit_max_new_tokens": sum(p.hit_max_new_tokens for p in predictions)}
 
 
-def results_row(job: EvalJob, ckpt: Checkpoint, evaluator: Evaluator, predictions: list[Prediction], seconds: float,
-                num_processes: int) -> dict:
-    scores = rouge_with_intervals([p.text for p in predictions], [p.reference for p in evaluator.prompts])
+def describe(todo: list[Scored]) -> str:
+    """'the base model and 4 checkpoint(s)', '4 checkpoint(s)', 'the base model'."""
+    adapters = sum(not isinstance(t, BaseModel) for t in todo)
+    parts = ["the base model"] if len(todo) > adapters else []
+    return " and ".join(parts + ([f"{adapters} checkpoint(s)"] if adapters else []))
+
+
+def mean_tokens(records: list[dict], key: str) -> float:
+    return round(sum(r[key] for r in records) / len(records), 2)
+
+
+def results_row(job: EvalJob, target: Scored, evaluator: Evaluator, predictions: list[Prediction], scores: dict,
+                records: list[dict], seconds: float, num_processes: int) -> dict:
+    """One results row: `scores` (metrics.means_with_intervals), `records` (results.example_records)."""
     return {
-        "checkpoint": ckpt.name, "global_step": ckpt.global_step, **scores,
+        "checkpoint": target.name, "global_step": target.global_step, **scores,
         "num_examples": len(evaluator.prompts), "num_dropped_for_length": evaluator.dropped,
         **prediction_counts(predictions),
+        "mean_prediction_tokens": mean_tokens(records, "prediction_tokens"),
+        "mean_reference_tokens": mean_tokens(records, "reference_tokens"),
         "num_references_over_max_new_tokens": evaluator.references_over,
         "reference_tokens_p95": evaluator.reference_tokens_p95,
         "validation_file": job.data.validation_file, "validation_sha256": job.scoring_settings["validation_sha256"],
         "chat_template": job.scoring_settings["chat_template"],
         "chat_template_sha256": job.scoring_settings["chat_template_sha256"],
         "generation": evaluator.generation_used, "eval_fingerprint": job.fingerprint,
-        "checkpoint_path": str(ckpt.path.resolve()), "num_processes": num_processes,
+        **({} if isinstance(target, BaseModel) else {"checkpoint_path": str(target.path.resolve())}),
+        "num_processes": num_processes,
         "seconds": round(seconds, 2), "scored_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
-def finish_report(job: EvalJob) -> list[dict]:
-    """Summary, plots and best_checkpoint link for the rows of the current settings; prints the table."""
+def finish_report(job: EvalJob) -> report.Findings | None:
+    """Summary, plots and best_checkpoint link for the rows of the current settings; prints the table and the best
+    checkpoint's paired comparisons. Returns the findings (None without rows)."""
     every_row = results.read_results(job.results_path, print0)
     rows = results.select_rows(every_row, job.fingerprint)
     if not rows:
         print0("no results with these settings yet")
-        return rows
-    paths = report.write_report(job.output_dir, rows)
+        return None
+    findings = report.analyse(job.output_dir, rows, job.options.length_buckets,
+                              job.options.length_bucket_min_examples)
+    paths = report.write_report(job.output_dir, rows, findings)
     print0(report.format_table(rows))
+    if findings.best_line:
+        print0(f"{findings.best['checkpoint']}: {findings.best_line}")
     others = len(every_row) - len(rows)
     if others:
         print0(f"({others} row(s) of {job.results_path.name} scored with other settings are not shown)")
     print0(f"results: {job.results_path}")
     for name, path in paths.items():
         print0(f"{name}: {path}")
-    return rows
+    return findings
 
 
 class Scoring:
@@ -128,14 +149,14 @@ class Scoring:
         self.done: set[str] = set()
         self.last_new = time.monotonic()
 
-    def next_round(self) -> tuple[list[Checkpoint], bool, int]:
-        """Rank 0: (checkpoints to score now, whether to stop after them, exit status)."""
+    def next_round(self) -> tuple[list[Scored], bool, int]:
+        """Rank 0: (what to score now, whether to stop after it, exit status)."""
         options = self.job.options
         todo, final_found = pending_checkpoints(self.job, self.done, self.warn)
         stop, status = not options.follow or final_found, 0
         if todo:
             self.last_new = time.monotonic()
-            print0(f"scoring {len(todo)} checkpoint(s) of {self.job.output_dir} on {self.job.data.validation_file} "
+            print0(f"scoring {describe(todo)} of {self.job.output_dir} on {self.job.data.validation_file} "
                    f"with {self.state.num_processes} process(es): {', '.join(c.name for c in todo)}")
         elif options.follow and options.follow_timeout_seconds is not None and \
                 time.monotonic() - self.last_new > options.follow_timeout_seconds:
@@ -153,7 +174,7 @@ class Scoring:
         job = self.job
         cuda = torch.cuda.is_available()
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 80.0
-        scorings = 1 if job.single else len(checkpoints.checkpoint_dirs(job.output_dir))
+        scorings = 1 if job.single else len(checkpoints.checkpoint_dirs(job.output_dir)) + job.scores_base
         plan = make_evaluation_plan(job.model, job.lora, job.generation, prompt_tokens, self.state.num_processes,
                                     gpu_memory_gib=gpu_gib, checkpoints=max(scorings, 1),
                                     where=f" in {job.data.validation_file}")
@@ -173,20 +194,26 @@ class Scoring:
             if warning:
                 print0(warning, file=sys.stderr)
 
-    def record(self, ckpt: Checkpoint, predictions: list[Prediction], seconds: float) -> None:
+    def record(self, target: Scored, predictions: list[Prediction], seconds: float) -> None:
         """Rank 0: predictions file, W&B, results row, and the line that says the checkpoint is scored."""
-        row = results_row(self.job, ckpt, self.evaluator, predictions, seconds, self.state.num_processes)
-        results.write_predictions(ckpt, self.evaluator.prompts, predictions, print0)
+        evaluator = self.evaluator
+        per_example = score_pairs([p.text for p in predictions], [p.reference for p in evaluator.prompts])
+        records = results.example_records(evaluator.prompts, predictions, fmeasures(per_example),
+                                          evaluator.count_tokens)
+        row = results_row(self.job, target, evaluator, predictions, means_with_intervals(per_example), records,
+                          seconds, self.state.num_processes)
+        results.write_predictions(target, records, print0)
         if "wandb" in self.job.options.report_to:
             self.logger = self.logger or WandbLogger(self.job.output_dir, self.job.options.run_name, self.job.fingerprint,
                                                      self.job.options.force)
-            self.logger.log(row, self.evaluator.prompts, [p.text for p in predictions])
+            self.logger.log(row, records)
         results.save_row(self.job.results_path, row, print0)
-        print0(f"scored {ckpt.name} (step {ckpt.global_step}): "
+        print0(f"scored {target.name} (step {target.global_step}): "
                + ", ".join(f"{m} {row[m]:.4f} [{row[m + '_low']:.3f}, {row[m + '_high']:.3f}]" for m in ROUGE_TYPES)
                + f"; empty {row['num_empty']}/{row['num_examples']}; think stripped {row['num_think_stripped']}; "
                  f"hit max_new_tokens {row['num_hit_max_new_tokens']}; references over max_new_tokens "
-                 f"{row['num_references_over_max_new_tokens']}; {row['seconds']:.1f} s")
+                 f"{row['num_references_over_max_new_tokens']}; tokens predicted / reference "
+                 f"{row['mean_prediction_tokens']:.1f} / {row['mean_reference_tokens']:.1f}; {row['seconds']:.1f} s")
 
     def run(self) -> int:
         """Score until nothing is left (with --follow: until final_adapter is scored). Returns the exit status."""
@@ -202,8 +229,14 @@ class Scoring:
             if stop:
                 break
             time.sleep(self.job.options.follow_poll_seconds)
-        rank_failures.from_main(self.state, "writing the report", lambda: finish_report(self.job))
+        rank_failures.from_main(self.state, "writing the report", self.report)
         return status
+
+    def report(self) -> None:
+        """Rank 0: the report, and the length table into W&B when this invocation logged rows there."""
+        findings = finish_report(self.job)
+        if self.logger and findings:
+            self.logger.log_length_table(findings)
 
 
 def follow_warning(run_dir: Path) -> str | None:

@@ -1,4 +1,5 @@
-"""ROUGE per checkpoint to Weights & Biases, against each checkpoint's own training step."""
+"""ROUGE per checkpoint to Weights & Biases, against each checkpoint's own training step (the base model at 0),
+and the report's ROUGE-Lsum by prompt length as a table."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ from typing import TYPE_CHECKING
 from ..run.layout import WANDB_RUN  # written by training with the W&B run's id and project
 from ..utils.atomic_write import write_atomic
 from ..utils.distributed import print0
-from .metrics import rouge_per_example
+from .report import length_points
 
 if TYPE_CHECKING:
-    from .generation import Prompt
+    from .report import Findings
+
+PREDICTION_COLUMNS = ["id", "prediction", "reference", "rougeLsum", "prompt_tokens", "prediction_tokens",
+                      "reference_tokens"]
 
 
 class WandbLogger:
-    """ROUGE against each checkpoint's training step (custom step axis train/global_step), and one prediction table
-    per checkpoint (its key names the checkpoint, so none is overwritten).
+    """ROUGE against each checkpoint's training step (custom step axis train/global_step; the base model, row
+    `base`, at step 0), and one prediction table per checkpoint (its key names the checkpoint, so none is
+    overwritten). After scoring, the report's ROUGE-Lsum by prompt length as the table `rouge_by_length`.
 
     When training left RUN_DIR/wandb_run.json, the training run is resumed (resume="allow") so ROUGE sits beside the
     loss curves. Offline, W&B cannot reach the run: it records the resume in a new offline-run-*-<same id> folder,
@@ -49,17 +54,26 @@ class WandbLogger:
             self.key = "rouge"
             print0(f"W&B: no {info_path}; logging into a new run {self.run.id} in group {group!r}")
         self.tables = "predictions" + self.key[len("rouge"):]
+        self.length_table = "rouge_by_length" + self.key[len("rouge"):]
         self.run.define_metric("train/global_step")
         self.run.define_metric(f"{self.key}/*", step_metric="train/global_step")
 
-    def log(self, row: dict, prompts: list[Prompt], predictions: list[str]) -> None:
-        per_example = rouge_per_example(predictions, [p.reference for p in prompts])
-        table = self.wandb.Table(columns=["id", "prediction", "reference", "rougeLsum"],
-                                 data=[[p.id, pred, p.reference, s["rougeLsum"]]
-                                       for p, pred, s in zip(prompts, predictions, per_example)])
+    def log(self, row: dict, records: list[dict]) -> None:
+        """One results row and its predictions (results.example_records) at the row's step."""
+        table = self.wandb.Table(columns=PREDICTION_COLUMNS,
+                                 data=[[record[c] for c in PREDICTION_COLUMNS] for record in records])
         metrics = {f"{self.key}/{k}": row[k] for k in row if k.startswith("rouge")}
         self.run.log({"train/global_step": row["global_step"], **metrics, f"{self.key}/num_empty": row["num_empty"],
+                      f"{self.key}/mean_prediction_tokens": row["mean_prediction_tokens"],
                       f"{self.tables}/{row['checkpoint']}": table})
+
+    def log_length_table(self, findings: Findings) -> None:
+        """The report's ROUGE-Lsum by prompt-length bucket (report.length_points: one line per bucket and row)."""
+        points = length_points(findings)
+        if points:
+            columns = list(points[0])
+            self.run.log({self.length_table: self.wandb.Table(columns=columns,
+                                                              data=[[p[c] for c in columns] for p in points])})
 
     def finish(self) -> None:
         offline = self.run.settings.mode == "offline"

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,6 +17,7 @@ from ..errors import ConfigError
 from ..settings import LoraArguments, MemoryArguments, ModelArguments
 from ..utils.distributed import print0
 from ..utils.flash_attention import flash_attention_2_problem
+from .architecture import ARCHITECTURE_FILE
 from .offload import enable_offload
 from .tiling import enable_tiled_mlp
 
@@ -76,6 +80,39 @@ def load_base_model(model_args: ModelArguments, training: bool = True):
     if training:
         model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model
+
+
+def linear_layer_names(model: ModelArguments, experiment_dir: str | os.PathLike | None = None) -> set[str] | None:
+    """The names of the model's linear layers (the last part of each module's name: q_proj, ..., lm_head), from a
+    skeleton built on the meta device from its config: no weights, no memory. The config: a local directory's, the
+    offline hub cache's, else the experiment's model_architecture.json when it names this model. None when none can
+    be read here (then peft checks the targets when the weights are loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError):
+        shipped = Path(experiment_dir or ".") / ARCHITECTURE_FILE
+        values = json.loads(shipped.read_text(encoding="utf-8")) if shipped.is_file() else {}
+        if values.get("model_name_or_path") != model.model_name_or_path or "model_type" not in values:
+            return None
+        values = {k: v for k, v in values.items() if not k.startswith("_") and k != "model_name_or_path"}
+        config = AutoConfig.for_model(**values)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    return {name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def check_lora_targets(lora: LoraArguments, model: ModelArguments, layers: set[str] | None) -> None:
+    """Every lora_target_modules name is a linear layer of the model (peft would stop only after the weights load)."""
+    targets = lora.lora_target_modules
+    if layers is None or targets == ["all-linear"]:
+        return
+    missing = [name for name in targets if name not in layers]
+    if missing:
+        raise ConfigError(f"setting 'lora_target_modules' = {targets!r}: {missing[0]!r} is no linear layer of "
+                          f"{model.model_name_or_path} (its linear layers: {', '.join(sorted(layers))}); name some of "
+                          f"those, or 'all-linear'.")
 
 
 def apply_lora(model, lora_args: LoraArguments):

@@ -44,8 +44,8 @@ import os
 from dataclasses import dataclass, field
 
 from ..model.architecture import Architecture
+from ..utils.disk import GIB, human_bytes  # noqa: F401 - human_bytes: the planner's modules take it from here
 
-GIB = 2**30
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CUDA_CONTEXT_BYTES = 1.0 * GIB     # context, cuBLAS / cuDNN workspaces, kernels: outside torch's allocator
 NCCL_BYTES = 0.5 * GIB             # communicator buffers with more than one GPU
@@ -119,12 +119,6 @@ class MemoryEstimate:
         """The peak without weights, LoRA + optimizer and framework: what grows with the sequence."""
         fixed = {"weights", "LoRA + optimizer", "framework"}
         return self.peak_bytes - sum(p.bytes for p in self.held if p.name in fixed)
-
-
-def human_bytes(num_bytes: float) -> str:
-    if 0 < abs(num_bytes) < 0.1 * GIB:
-        return f"{num_bytes / 2**20:.1f} MiB"
-    return f"{num_bytes / GIB:.2f} GiB"
 
 
 def layer_saved_bytes_per_token(s: StepShape) -> dict[str, float]:
@@ -296,25 +290,28 @@ def estimate(s: StepShape) -> MemoryEstimate:
                   f"{s.label_tokens:,} positions x {a.vocab_size:,} vocabulary")
 
     activations = sum(p.bytes for p in held_activations) + max(recompute.bytes, attention.bytes, logits.bytes)
-    if s.device == "cuda":
-        buckets = 2 * s.reduce_bucket_elements * s.weight_bytes if s.zero_stage >= 1 else 0
-        framework = (CUDA_CONTEXT_BYTES + (NCCL_BYTES if s.world_size > 1 else 0) + buckets
-                     + ALLOCATOR_SLACK * activations)
-        framework_note = (f"CUDA context {human_bytes(CUDA_CONTEXT_BYTES)}"
-                          + (f", NCCL {human_bytes(NCCL_BYTES)}" if s.world_size > 1 else "")
-                          + (f", ZeRO buckets {human_bytes(buckets)}" if buckets else "")
-                          + f", allocator slack {ALLOCATOR_SLACK:.0%}"
-                          + ("" if expandable_segments() else " (expandable segments OFF: fragmentation across "
-                                                              "sample lengths is not planned)"))
-    else:
-        framework, framework_note = 0.0, "CPU: the process's own baseline (Python, libraries) is not modelled"
-
     count = a.num_parameters()
     count_text = f"{count / 1e9:.2f} B" if count >= 1e8 else f"{count / 1e6:.1f} M"
     held = [Part("weights", weights, f"{count_text} parameters x {s.weight_bytes} bytes"),
             Part("LoRA + optimizer", lora_bytes,
                  f"{lora / 1e6:.1f} M adapter parameters" + (f", ZeRO-{s.zero_stage} share of {s.world_size} GPUs"
                                                               if s.zero_stage else "")),
-            Part("framework", framework, framework_note),
+            framework_part(s, activations),
             *held_activations]
     return MemoryEstimate(s, held, [logits, recompute, attention], notes=notes)
+
+
+def framework_part(s: StepShape, activations: float) -> Part:
+    """CUDA context and kernels, NCCL with several GPUs, ZeRO's reduce buckets, and the allocator's slack on
+    `activations` (what grows with the sequence); nothing modelled on a CPU."""
+    if s.device != "cuda":
+        return Part("framework", 0.0, "CPU: the process's own baseline (Python, libraries) is not modelled")
+    buckets = 2 * s.reduce_bucket_elements * s.weight_bytes if s.zero_stage >= 1 else 0
+    return Part("framework",
+                CUDA_CONTEXT_BYTES + (NCCL_BYTES if s.world_size > 1 else 0) + buckets + ALLOCATOR_SLACK * activations,
+                f"CUDA context {human_bytes(CUDA_CONTEXT_BYTES)}"
+                + (f", NCCL {human_bytes(NCCL_BYTES)}" if s.world_size > 1 else "")
+                + (f", ZeRO buckets {human_bytes(buckets)}" if buckets else "")
+                + f", allocator slack {ALLOCATOR_SLACK:.0%}"
+                + ("" if expandable_segments() else " (expandable segments OFF: fragmentation across sample "
+                                                    "lengths is not planned)"))

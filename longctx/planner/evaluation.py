@@ -14,6 +14,13 @@ Memory per GPU, for generation_batch_size rows of the longest prompt (P tokens) 
                      the input), for all P x rows tokens at once: O(tokens) with flash-attention or SDPA (no seq x seq
                      matrix; a padded batch under SDPA adds its rows x P x P boolean mask)
   framework          CUDA context and kernels
+In-training evaluation (Trainer.evaluate every eval_steps: the eval loss, prediction_loss_only), per GPU, for
+per_device_eval_batch_size rows of the longest validation sample: sequence parallelism is off in evaluation, so each
+GPU runs whole samples even where training splits them:
+  weights, LoRA + optimizer, framework    as in the training step (the optimizer's state stays through evaluation)
+  forward working set  the prefill working set above (no KV cache: the loss runs without one), the MLP for one tile
+                       with tiled_mlp (its input and output whole)
+  logits               label positions x vocabulary x (logits + fp32 copy + fp32 log-softmax), after the layers
 Time per checkpoint: every prompt's prefill (its forward FLOPs) + up to M greedy decode steps (each reads the
 weights and the KV cache), in batches sorted by length, spread over the evaluation GPUs (longctx.planner.flops).
 """
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..model.architecture import Architecture
-from .estimate import CUDA_CONTEXT_BYTES, GIB, Part, human_bytes
+from .estimate import CUDA_CONTEXT_BYTES, GIB, MemoryEstimate, Part, framework_part, human_bytes
 from .flops import decode_seconds, forward_flops, human_duration, kv_bytes_per_token
 
 
@@ -49,14 +56,9 @@ def evaluation_memory(arch: Architecture, longest_prompt: int, max_new_tokens: i
     kv_token = kv_bytes_per_token(arch)
     kv = kv_token * context * batch
     growth = kv_token // arch.num_hidden_layers * context * batch
-    h, i = arch.hidden_size, arch.intermediate_size
-    q, kv_width = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    attention = (2 * q + 2 * kv_width) * b + (q + kv_width) * 4
-    a = adapter_bytes or weight_bytes
-    # act and up_proj's base output (b), its LoRA update and their sum (a), and an input copy when the dtypes differ
-    mlp = 2 * i * b + i * a + i * max(a, b) + (h * a if a != b else 0)
+    residual, attention, mlp = forward_bytes_per_token(arch, b, adapter_bytes or weight_bytes)
     rows = longest_prompt * batch
-    working = rows * (2 * h * b + max(attention, mlp))
+    working = rows * (residual + max(attention, mlp))
     mask = 0 if flash_attention or batch == 1 else batch * longest_prompt ** 2
     parts = [
         Part("weights", arch.num_parameters() * weight_bytes + lora_params * weight_bytes,
@@ -65,12 +67,51 @@ def evaluation_memory(arch: Architecture, longest_prompt: int, max_new_tokens: i
                              f"{arch.head_dim} x 2 bytes x {context:,} tokens x {batch} row(s)"),
         Part("KV cache growth", growth, "one layer's K and V copied while DynamicCache concatenates a step"),
         Part("prefill working set", working + mask,
-             f"{rows:,} tokens x {(2 * h * b + max(attention, mlp)):,} bytes (residual + "
+             f"{rows:,} tokens x {(residual + max(attention, mlp)):,} bytes (residual + "
              + ("MLP: act, up_proj, its LoRA update and their sum" if mlp >= attention else "attention") + ")"
              + (f" + the padded batch's {batch} x {longest_prompt:,}^2 boolean mask under SDPA" if mask else "")),
         Part("framework", CUDA_CONTEXT_BYTES, "CUDA context and kernels"),
     ]
     return EvalMemory(parts)
+
+
+def forward_bytes_per_token(arch: Architecture, b: int, adapter_bytes: int) -> tuple[int, int, int]:
+    """Bytes per token of one decoder layer's forward without autograd, b bytes per activation: (the residual stream:
+    hidden in + normed input, the attention projections at their peak: q, k, v, output + q / k norms in fp32, the
+    MLP at its peak inside up_proj's LoRA path: act + up_proj's base output (b), its LoRA update and their sum
+    (the adapter's dtype), + an input copy when the dtypes differ)."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    q, kv_width = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    attention = (2 * q + 2 * kv_width) * b + (q + kv_width) * 4
+    a = adapter_bytes
+    mlp = 2 * i * b + i * a + i * max(a, b) + (h * a if a != b else 0)
+    return 2 * h * b, attention, mlp
+
+
+def training_evaluation_memory(step: MemoryEstimate, tokens: int, batch: int, labels: int) -> MemoryEstimate:
+    """The in-training evaluation forward per GPU (module docstring) beside the training step `step` (its shape and
+    held state): `batch` rows of `tokens` (the longest validation sample, padded as the collator pads it), `labels`
+    label positions per row."""
+    s, b = step.shape, step.shape.act_bytes
+    residual, attention, mlp = forward_bytes_per_token(s.arch, b, 4 if s.lora_params_fp32 else s.weight_bytes)
+    rows = tokens * batch
+    tiled = s.tiled_mlp and tokens > s.tile_tokens
+    tile = math.ceil(tokens / math.ceil(tokens / s.tile_tokens))
+    # tiled: the MLP's input and output whole (counted in the residual, + the output), its inside for one tile
+    mlp_bytes = s.arch.hidden_size * b * rows + mlp * tile * batch if tiled else mlp * rows
+    working = rows * residual + max(attention * rows, mlp_bytes)
+    which = ("attention: q, k, v, output, q / k norms in fp32" if attention * rows >= mlp_bytes else
+             "MLP: act, up_proj, its LoRA update and their sum" + (f", one {tile:,}-token tile" if tiled else ""))
+    logits = Part("logits at label positions", labels * batch * s.arch.vocab_size * (b + 8),
+                  f"{labels * batch:,} positions x {s.arch.vocab_size:,} vocabulary, forward only")
+    forward = Part("forward working set", working,
+                   f"one layer at a time: {rows:,} tokens x {residual:,} bytes residual + its larger part ({which})")
+    held = {p.name: p for p in step.held}
+    return MemoryEstimate(
+        s.replace(tokens=rows, sp_size=1),
+        [held["weights"], Part("LoRA + optimizer", held["LoRA + optimizer"].bytes, "kept through evaluation"),
+         framework_part(s, max(working, logits.bytes))],
+        [logits, forward])
 
 
 def evaluation_seconds(arch: Architecture, prompt_tokens: Sequence[int], max_new_tokens: int, batch: int, gpus: int,
@@ -131,4 +172,23 @@ def format_evaluation(memory: EvalMemory, gpu_memory_gib: float | None, seconds:
         lines.append(f"  time: {prompts:,} prompts over {gpus} GPU(s): {human_duration(seconds)} per checkpoint"
                      + (f", {human_duration(seconds * scorings)} for {scorings} (the checkpoints + final_adapter)"
                         if scorings > 1 else ""))
+    return lines
+
+
+def format_training_evaluation(memory: MemoryEstimate, gpu_memory_gib: float | None, header: str,
+                               advice: list[str]) -> list[str]:
+    """The run plan's in-training evaluation section: its parts, its peak and its own verdict (with `advice` when it
+    does not fit)."""
+    lines = [header]
+    peak_phase = memory.peak_phase
+    for p in memory.held + memory.phases:
+        mark = "  <- peak" if p is peak_phase else ""
+        lines.append(f"    {p.name:<26}{human_bytes(p.bytes):>11}   {p.note}{mark}")
+    verdict = ""
+    if gpu_memory_gib is not None:
+        room = gpu_memory_gib * GIB - memory.peak_bytes
+        verdict = (f": fits in {gpu_memory_gib:g} GiB ({human_bytes(room)} to spare)" if room >= 0 else
+                   f": DOES NOT FIT in {gpu_memory_gib:g} GiB (over by {human_bytes(-room)}): "
+                   + "; or ".join(advice))
+    lines.append(f"    {'estimated peak':<26}{human_bytes(memory.peak_bytes):>11}{verdict}")
     return lines

@@ -28,8 +28,17 @@ from ..model.sequence_parallel import padded_length
 from ..settings import GenerationArguments, LoraArguments, ModelArguments, PlanArguments, Settings
 from .advice import fits, format_estimate
 from .corpus import load_corpus
+from .disk import DiskNeed
 from .estimate import GIB, LORA_MODULES, StepShape, adapter_parameters, estimate, human_bytes, lora_parameter_count
-from .evaluation import EvalMemory, check_context_length, evaluation_memory, evaluation_seconds, format_evaluation
+from .evaluation import (
+    EvalMemory,
+    check_context_length,
+    evaluation_memory,
+    evaluation_seconds,
+    format_evaluation,
+    format_training_evaluation,
+    training_evaluation_memory,
+)
 from .flops import default_mfu, training_flops
 from .host import format_host, host_memory
 from .schedule import (
@@ -204,6 +213,10 @@ def _make_run_plan(settings: Settings, options: MachineArguments, record_counts:
                         record_counts.get("train"))
     validation = load_corpus("validation", *corpus_args, plan.plan_validation_records or data.max_eval_samples,
                              plan.plan_tokens_per_sample, record_counts.get("validation"))
+    if cuda:
+        eval_lines, eval_fits = _training_evaluation_lines(settings, shape, step_memory, validation, options)
+        lines.append("\n".join(eval_lines))
+        status = status if eval_fits else exit_status.DOES_NOT_FIT
     if cuda and shape.offload and train.kept:
         per_row = training.per_device_train_batch_size
         input_bytes_per_token = shape.act_bytes * shape.arch.hidden_size  # one layer input
@@ -248,15 +261,7 @@ def _schedule_and_evaluation(settings: Settings, shape: StepShape, options: Mach
     generation, training, plan = settings.generation, settings.training, settings.plan
     gpus, devices = gpus_and_name
     arch, lora = shape.arch, lora_parameter_count(shape)
-    batching = Batching(
-        per_device_batch=training.per_device_train_batch_size, grad_accum=training.gradient_accumulation_steps,
-        gpus=gpus, epochs=training.num_train_epochs, max_steps=training.max_steps,
-        drop_last=training.dataloader_drop_last, save_strategy=str(getattr(training.save_strategy, "value",
-                                                                           training.save_strategy)),
-        save_steps=training.save_steps, eval_strategy=str(getattr(training.eval_strategy, "value",
-                                                                  training.eval_strategy)),
-        eval_steps=training.eval_steps, eval_delay=training.eval_delay or 0,
-        per_device_eval_batch=training.per_device_eval_batch_size, sp=shape.sp_size)
+    batching = batching_of(training, gpus, shape.sp_size)
     run = schedule(train.kept, batching)
     labels = options.label_tokens if options.label_tokens is not None else generation.max_new_tokens
     deepspeed = shape.zero_stage > 0
@@ -282,6 +287,70 @@ def _schedule_and_evaluation(settings: Settings, shape: StepShape, options: Mach
     if shape.device == "cuda":
         lines += _evaluation_lines(settings, shape, options, gpus, validation, len(run.checkpoints) + 1, warned)
     return lines
+
+
+def _training_evaluation_lines(settings: Settings, shape: StepShape, step_memory, validation,
+                               options: MachineArguments) -> tuple[list[str], bool]:
+    """The in-training evaluation forward (the eval loss every eval_steps) on one GPU: whole samples even under
+    sequence parallelism, the longest validation sample from the length cache, else max_seq_length. (lines, fits)"""
+    training, data = settings.training, settings.data
+    strategy = str(getattr(training.eval_strategy, "value", training.eval_strategy))
+    if strategy == "no":
+        return ["In-training evaluation: off (eval_strategy no): nothing to plan"], True
+    known = validation.lengths is not None and validation.lengths
+    longest = max(validation.lengths) if known else data.max_seq_length
+    tokens = padded_length(longest, shape.sp_size)  # the collator pads to a multiple of the SP size
+    batch = training.per_device_eval_batch_size
+    labels = options.label_tokens if options.label_tokens is not None else settings.generation.max_new_tokens
+    memory = training_evaluation_memory(step_memory, tokens, batch, labels)
+    limit = options.gpu_memory_gib
+    advice = []
+    if batch > 1:
+        advice.append("per_device_eval_batch_size 1")
+    if not shape.tiled_mlp and "MLP" in memory.part("forward working set").note:
+        advice.append("tiled_mlp true")
+    advice += [f"validation samples shorter than {longest:,} tokens (a validation_file of shorter documents)",
+               "eval_strategy no (then score the checkpoints afterwards: eval_all_checkpoints.sh)"]
+    whole = (", whole on each GPU (sequence parallelism is off in evaluation: training splits each sample over "
+             f"{shape.sp_size})" if shape.sp_size > 1 else "")
+    header = (f"In-training evaluation per GPU (the eval loss every eval_steps): {batch} x {tokens:,} tokens, the "
+              f"longest validation sample ({'length cache' if known else 'max_seq_length: no length cache'}){whole}")
+    return (format_training_evaluation(memory, limit, header, advice),
+            limit is None or memory.peak_bytes <= limit * GIB)
+
+
+def batching_of(training, gpus: int, sp_size: int) -> Batching:
+    """The Trainer's batching and its save / evaluation strategy, from TrainingArguments."""
+    def value(strategy) -> str:
+        return str(getattr(strategy, "value", strategy))
+
+    return Batching(
+        per_device_batch=training.per_device_train_batch_size, grad_accum=training.gradient_accumulation_steps,
+        gpus=gpus, epochs=training.num_train_epochs, max_steps=training.max_steps,
+        drop_last=training.dataloader_drop_last, save_strategy=value(training.save_strategy),
+        save_steps=training.save_steps, eval_strategy=value(training.eval_strategy), eval_steps=training.eval_steps,
+        eval_delay=training.eval_delay or 0, per_device_eval_batch=training.per_device_eval_batch_size, sp=sp_size)
+
+
+def disk_need(settings: Settings, options: MachineArguments | None = None,
+              record_counts: dict[str, int] | None = None, existing_checkpoints: int = 0) -> tuple[DiskNeed, int]:
+    """(what the run writes into OUTPUT_DIR, the tokens of the corpus it tokenizes), from the same schedule as the
+    run plan: the checkpoints it saves, each of the size the adapter and optimizer give."""
+    options, counts, training = options or MachineArguments(), record_counts or {}, settings.training
+    gpus, _ = planned_gpus(options, settings.plan)
+    shape, _ = step_shape_from_settings(settings, options, gpus)
+    corpus = [load_corpus(split, settings.model, settings.data, training.output_dir, records,
+                          settings.plan.plan_tokens_per_sample, counts.get(split))
+              for split, records in (("train", settings.plan.plan_train_records),
+                                     ("validation", settings.plan.plan_validation_records
+                                      or settings.data.max_eval_samples))]
+    saved = len(schedule(corpus[0].kept, batching_of(training, gpus, shape.sp_size)).checkpoints) \
+        if corpus[0].records else 0
+    kept = min(saved, training.save_total_limit + 1) if training.save_total_limit else saved
+    lora = lora_parameter_count(shape)
+    need = DiskNeed(checkpoint_bytes(lora, shape.zero_stage > 0, training.save_only_model), saved, kept,
+                    existing_checkpoints, lora * shape.weight_bytes)
+    return need, sum(sum(c.sample_tokens()) for c in corpus if c.records)
 
 
 def _flops(value: float) -> str:

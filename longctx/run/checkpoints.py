@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+import shutil
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import AdapterError
+from ..errors import AdapterError, DiskFullError
 from ..utils.atomic_write import write_atomic
+from ..utils.disk import directory_bytes, free_bytes, human_bytes, is_disk_full
 from ..utils.hashing import sha256_file
 from .layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_RE, FINAL_ADAPTER, FINAL_STATE, MANIFEST, TRAINER_STATE
 
@@ -167,3 +170,29 @@ def latest_resumable(run_dir: str | Path, warn=print) -> Checkpoint | None:
     usable = [c for c in find_checkpoints(run_dir, include_final=False, warn=warn)
               if (c.path / TRAINER_STATE).is_file()]
     return usable[-1] if usable else None
+
+
+@contextmanager
+def writing(run_dir: str | Path, target: str | Path) -> Iterator[None]:
+    """Write `target` (a checkpoint or adapter directory in `run_dir`) inside this block: when the disk fills up,
+    the incomplete target is removed (it has no manifest, so nothing would use it) and a DiskFullError names the
+    directory, the free space, the last complete checkpoint and what to do, instead of the writer's traceback."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err, run_dir):
+            raise
+        target = Path(target)
+        free, measured = free_bytes(run_dir)
+        state = "nothing of it on disk"
+        if target.is_dir() and not (target / MANIFEST).is_file():
+            state = f"removed: incomplete, {human_bytes(directory_bytes(target))} written"
+            shutil.rmtree(target, ignore_errors=True)
+        last = latest_resumable(run_dir, warn=lambda _: None)
+        resume = (f"the last complete checkpoint is {last.name} ({human_bytes(directory_bytes(last.path))}): free "
+                  f"space and relaunch the same command to resume from it" if last is not None else
+                  "no complete checkpoint yet: free space (or point OUTPUT_DIR elsewhere) and relaunch")
+        raise DiskFullError(
+            f"OUTPUT_DIR {run_dir} is full ({human_bytes(free)} free on {measured}) while writing {target.name} "
+            f"({state}): {resume}; the run plan's disk line says what "
+            f"the run needs") from err

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,7 +31,7 @@ from ..utils.atomic_write import write_atomic
 from ..utils.distributed import gather_from_all, print0
 from ..utils.hashing import sha256_file
 from . import checkpoints
-from .layout import CHECKPOINT_PREFIX, FINAL_ADAPTER, RUN_CONFIG, RUN_INFO, RUN_OUTPUTS, SHARED_CHECK
+from .layout import CHECKPOINT_PREFIX, FINAL_ADAPTER, PREEMPTED, RUN_CONFIG, RUN_INFO, RUN_OUTPUTS, SHARED_CHECK
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets", "wandb", "rouge-score",
             "flash-attn")
@@ -96,6 +97,27 @@ def start_afresh(out: Path) -> list[str]:
             continue
         removed.append(path.name)
     return removed
+
+
+def overwrite_refused(out: Path, env=os.environ) -> str | None:
+    """Why OVERWRITE must not delete the run in OUTPUT_DIR now (a relaunch of the same job, which resumes it), or
+    None. OVERWRITE deletes a run once: not again when SLURM requeues the job (the requeued script carries the
+    original sbatch's environment, OVERWRITE=1 included), nor when the same command is relaunched after the run
+    stopped for a signal at a checkpoint (OUTPUT_DIR/preempted.json, written with that checkpoint)."""
+    restarts = env.get("SLURM_RESTART_COUNT", "0")
+    if restarts not in ("", "0"):
+        return f"this is restart {restarts} of SLURM job {env.get('SLURM_JOB_ID', '?')}: the run it started resumes"
+    stopped = _read_json(out / PREEMPTED)
+    if stopped:
+        return (f"the run stopped for {stopped.get('signal', 'a signal')} at step {stopped.get('step', '?')} with a "
+                f"checkpoint ({PREEMPTED}), and this relaunch resumes it")
+    return None
+
+
+def record_preemption(out: Path, step: int, signal_name: str) -> None:
+    """Mark the run as stopped for a signal at a checkpoint of `step` (rank 0): its relaunch resumes it, whatever
+    OVERWRITE says. Removed when the run finishes or starts afresh."""
+    write_atomic(out / PREEMPTED, json.dumps({"step": step, "signal": signal_name, "time": time.time()}))
 
 
 def check_output_dir(run, output_dir: str, identity: dict[str, Any], max_steps: int) -> str | None:

@@ -8,12 +8,16 @@ its names from here.
       run_config.yaml             every setting's final value (evaluation scores with it)
       run_info.json               git commit, package versions, command, world size, the run's identity
       wandb_run.json              the W&B run's id: every relaunch and every evaluation log into that run
+      .run_lock.json              the live launch's lease: a second launch into OUTPUT_DIR is refused
+      preempted.json              the run stopped for a signal at a checkpoint: OVERWRITE=1 does not delete it
       wandb/                      the W&B run's files, one folder per launch
       token_lengths.json          length cache: the corpus's token counts, for the next launch's plan
       length_report.jsonl         every sample dropped or truncated for length
       bad_records.jsonl, data_usable/   on_bad_record: skip: the unusable records, the data without them
-      eval_results.jsonl          evaluation: one row per scored checkpoint
-      eval_summary.md, rouge_by_step.png/.csv, loss_curve.png/.csv, best_checkpoint   the evaluation's report
+      eval_results.jsonl          evaluation: one row per scored checkpoint (and `base`, the model without adapter)
+      eval_base_predictions.jsonl evaluation: the base model's predictions, one line per validation example
+      eval_summary.md, rouge_by_step.png/.csv, rouge_by_length.png/.csv, loss_curve.png/.csv, best_checkpoint
+                                  the evaluation's report
 """
 
 from __future__ import annotations
@@ -33,12 +37,18 @@ LENGTH_REPORT = "length_report.jsonl"
 BAD_RECORDS_REPORT = "bad_records.jsonl"
 USABLE_DATA_DIR = "data_usable"
 SHARED_CHECK = ".output_dir_check"  # a token rank 0 writes and every rank must read back
+RUN_LOCK = ".run_lock.json"  # the live launch's lease (longctx.run.lock): one live run per OUTPUT_DIR
+PREEMPTED = "preempted.json"  # the run stopped for a signal at a checkpoint: its relaunch resumes, never overwrites
 RESULTS_FILE = "eval_results.jsonl"
+BASE_MODEL = "base"  # the results row of the base model without adapter, scored as global step 0
+BASE_PREDICTIONS_FILE = "eval_base_predictions.jsonl"  # the base model's eval_predictions.jsonl
 SUMMARY_FILE = "eval_summary.md"
 ROUGE_PLOT = "rouge_by_step.png"
 ROUGE_CSV = "rouge_by_step.csv"
 LOSS_PLOT = "loss_curve.png"
 LOSS_CSV = "loss_curve.csv"
+LENGTH_PLOT = "rouge_by_length.png"  # ROUGE-Lsum by prompt-length bucket: base, best checkpoint, final adapter
+LENGTH_CSV = "rouge_by_length.csv"
 BEST_LINK = "best_checkpoint"
 
 # inside a checkpoint or final_adapter
@@ -53,8 +63,8 @@ PREDICTIONS_FILE = "eval_predictions.jsonl"
 # checkpoints, nothing else (files the project did not write stay).
 RUN_OUTPUTS = (
     FINAL_ADAPTER, f".{FINAL_ADAPTER}.tmp", RUN_CONFIG, RUN_INFO, WANDB_RUN, LENGTH_REPORT, BAD_RECORDS_REPORT,
-    USABLE_DATA_DIR, WANDB_DIR, LENGTH_CACHE, RESULTS_FILE, SUMMARY_FILE, ROUGE_PLOT, ROUGE_CSV, LOSS_PLOT, LOSS_CSV,
-    BEST_LINK,
+    USABLE_DATA_DIR, WANDB_DIR, LENGTH_CACHE, PREEMPTED, RESULTS_FILE, SUMMARY_FILE, ROUGE_PLOT, ROUGE_CSV, LOSS_PLOT, LOSS_CSV,
+    BEST_LINK, BASE_PREDICTIONS_FILE, LENGTH_PLOT, LENGTH_CSV,
 )
 
 

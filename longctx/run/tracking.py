@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,6 +22,7 @@ from ..utils.distributed import print0
 from .layout import WANDB_DIR, WANDB_RUN
 
 REACH_TIMEOUT_SECONDS = 5.0
+HELD_RUN_WAIT_SECONDS = 60.0  # a killed launch's W&B service lets its run go within seconds of noticing
 
 
 def wants_wandb(training) -> bool:
@@ -57,8 +59,20 @@ def start_wandb_run(output_dir: str, run_name: str | None, config: dict) -> str:
                f"running offline into {Path(output_dir) / WANDB_DIR} (upload later with `wandb sync`)")
     recorded = recorded_run(output_dir)
     project = os.environ.get("WANDB_PROJECT") or recorded.get("project") or "huggingface"
-    run = wandb.init(id=recorded.get("id"), resume="allow", project=project, name=run_name, dir=output_dir,
-                     config=config)  # id None: W&B makes one, kept below for every later launch
+    deadline = time.monotonic() + HELD_RUN_WAIT_SECONDS
+    while True:
+        try:
+            run = wandb.init(id=recorded.get("id"), resume="allow", project=project, name=run_name, dir=output_dir,
+                             config=config)  # id None: W&B makes one, kept below for every later launch
+            break
+        except Exception as err:  # noqa: BLE001 - wandb's own error types move between versions
+            # A launch killed with kill -9 leaves its W&B service holding the run for a few seconds more (it ends
+            # when it notices its process is gone): a relaunch right after waits for it instead of failing.
+            if "is in use" not in str(err) or time.monotonic() > deadline:
+                raise
+            print0(f"W&B: run {recorded.get('id')} is still held by an earlier launch's W&B process (killed?); "
+                   f"waiting for it to let go (up to {HELD_RUN_WAIT_SECONDS:g} s)")
+            time.sleep(2)
     write_atomic(Path(output_dir) / WANDB_RUN, json.dumps(  # what evaluation recorded there stays
         {**recorded, "id": run.id, "project": run.project, "name": run.name, "mode": run.settings.mode}))
     print0(f"W&B: run {run.id} ({run.settings.mode}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from ..run.checkpoints import write_manifest
+from ..run.checkpoints import write_manifest, writing
 from ..run.layout import checkpoint_name
 from ..utils.distributed import print0
 from .watchdog import Watchdog
@@ -29,7 +29,8 @@ class ManifestCallback(TrainerCallback):
         if state.is_world_process_zero:
             path = Path(args.output_dir) / checkpoint_name(state.global_step)
             if path.is_dir():
-                write_manifest(path, state.global_step, self.git_commit)
+                with writing(args.output_dir, path):
+                    write_manifest(path, state.global_step, self.git_commit)
                 print0(f"checkpoint complete: {path} (step {state.global_step})")
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -23,6 +24,8 @@ from transformers import Trainer
 from ..errors import NonFiniteError
 from ..model import sequence_parallel
 from ..model.loss import summary_loss
+from ..run import checkpoints
+from ..run.layout import checkpoint_name
 from ..utils.distributed import print0
 from .telemetry import MemoryTelemetry, ThroughputMeter, perplexity
 
@@ -127,6 +130,12 @@ class LongContextTrainer(Trainer):
                 f"non-finite {what} at step {self.state.global_step + 1} (this process: {value.item()}); stopped "
                 f"before the optimizer step, so no checkpoint holds it. Lower learning_rate, check the data around "
                 f"this step, or resume from the last checkpoint.")
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's save; a full disk ends the run with one line naming the last complete checkpoint
+        (longctx.run.checkpoints.writing) instead of a torch.save traceback and a half-written checkpoint."""
+        with checkpoints.writing(self.args.output_dir, Path(self.args.output_dir) / checkpoint_name(self.state.global_step)):
+            super()._save_checkpoint(model, trial)
 
     def evaluate(self, *args, **kwargs):
         self.memory.evaluation_starts()  # the evaluation's peak is its own row's, not the next training row's

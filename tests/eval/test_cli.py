@@ -1,6 +1,6 @@
-"""longctx.eval.cli and longctx.eval.scoring: what is scored (complete checkpoints only, already scored ones
-skipped without verifying them again), bad settings exit 2, --follow scores checkpoints as training writes them,
---preflight."""
+"""longctx.eval.cli and longctx.eval.scoring: what is scored (the base model first unless --no_base, complete
+checkpoints only, already scored ones skipped without verifying them again), bad settings exit 2, --follow scores
+checkpoints as training writes them, --preflight."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from longctx import exit_status
 from longctx.eval import cli, scoring
-from support.evaluation import NAMES, copy_run, inprocess, line_count, predictions_of, rows_of
+from support.evaluation import SCORED, copy_run, inprocess, line_count, rows_of, scored_predictions
 from support.launching import Started, run
 from support.paths import EVAL_000 as EVAL
 from support.paths import REPO_ROOT
@@ -33,7 +33,14 @@ def test_incomplete_checkpoints_are_skipped_naming_what_is_missing(trained_run, 
     assert f"skipping {out / 'checkpoint-7'}: adapter_config.json" in printed
     assert f"skipping {out / 'checkpoint-8'}: manifest.json is missing" in printed
     assert f"skipping {out / 'checkpoint-9'}: manifest.json is missing" in printed
-    assert "4 checkpoint(s) to score: checkpoint-2, checkpoint-4, checkpoint-5, final_adapter" in printed
+    assert ("the base model and 4 checkpoint(s) to score: base, checkpoint-2, checkpoint-4, checkpoint-5, "
+            "final_adapter") in printed
+    # --no_base: the checkpoints alone; a single --checkpoint never scores the base model
+    assert inprocess(out, "--preflight", "--no_base") == 0
+    assert "\n4 checkpoint(s) to score: checkpoint-2, checkpoint-4, checkpoint-5, final_adapter\n" in \
+        capsys.readouterr().out
+    assert inprocess(out, "--preflight", "--checkpoint", str(out / "checkpoint-4")) == 0
+    assert capsys.readouterr().out == "1 checkpoint(s) to score: checkpoint-4\n"
 
 
 @pytest.mark.e2e
@@ -46,13 +53,13 @@ def test_scored_checkpoints_are_not_verified_again_unless_forced(scored_run, tmp
     assert inprocess(out, *flags, "--preflight") == exit_status.NOTHING_TO_SCORE  # nothing to do: the report is refreshed
     printed = capsys.readouterr().out
     assert "skipping" not in printed  # listed from its row, not verified (no adapter hashed)
-    assert "skipped: checkpoint-2, checkpoint-4, checkpoint-5, final_adapter" in printed
+    assert "skipped: base, checkpoint-2, checkpoint-4, checkpoint-5, final_adapter" in printed
     assert (out / "eval_summary.md").is_file()
 
     assert inprocess(out, *flags, "--preflight", "--force") == 0
     printed = capsys.readouterr().out
     assert f"skipping {out / 'checkpoint-2'}: manifest.json is missing" in printed  # --force verifies everything
-    assert "3 checkpoint(s) to score: checkpoint-4, checkpoint-5, final_adapter" in printed
+    assert "the base model and 3 checkpoint(s) to score: base, checkpoint-4, checkpoint-5, final_adapter" in printed
 
 
 @pytest.mark.e2e
@@ -64,6 +71,11 @@ def test_bad_settings_exit_2_naming_the_setting(trained_run, tmp_path, capsys):
     assert "error: setting 'max_new_tokens' = 0: use a positive number of tokens." in capsys.readouterr().err
     assert inprocess(out, "--follow", "--checkpoint", str(out / "checkpoint-2")) == 2
     assert "settings 'checkpoint' and 'follow' exclude each other" in capsys.readouterr().err
+    assert inprocess(out, "--length_buckets", "65536", "32768") == 2
+    assert ("error: setting 'length_buckets' = [65536, 32768]: use prompt token counts above 0 in increasing order"
+            in capsys.readouterr().err)
+    assert inprocess(out, "--length_bucket_min_examples", "1") == 2
+    assert "error: setting 'length_bucket_min_examples' = 1: use 2 or more" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(out / "run_config.yaml", empty / "run_config.yaml")
@@ -84,7 +96,7 @@ def test_follow_reports_an_incomplete_checkpoint_once_across_polls(trained_run, 
     job = cli.parse_job(["--config", str(out / "run_config.yaml"), "--output_dir", str(out), "--follow"])
     warn, done = scoring.WarnOnce(job.options.follow), set()
     polls = [scoring.pending_checkpoints(job, done, warn) for _ in range(3)]  # nothing is scored between polls
-    assert [[c.name for c in todo] for todo, _ in polls] == [["checkpoint-2", "checkpoint-4"]] * 3
+    assert [[c.name for c in todo] for todo, _ in polls] == [["base", "checkpoint-2", "checkpoint-4"]] * 3
     assert [final for _, final in polls] == [False] * 3
     printed = capsys.readouterr().out.splitlines()
     assert printed == [f"skipping {out / 'checkpoint-5'}: manifest.json is missing (the save did not finish) "
@@ -106,7 +118,7 @@ def test_follow_scores_checkpoints_as_training_writes_them_until_final_adapter(t
                         ignore=lambda _d, names: ["manifest.json"] if "manifest.json" in names else [])
         line = proc.wait_for(f"skipping {out / 'checkpoint-5'}: ", timeout=60)  # a poll saw it incomplete
         assert line.endswith("manifest.json is missing (the save did not finish) (looked at again at the next poll)")
-        assert line_count(results) == 2 and proc.proc.poll() is None
+        assert line_count(results) == 3 and proc.proc.poll() is None  # base, checkpoint-2, checkpoint-4
         shutil.copy(trained_run / "checkpoint-5" / "manifest.json", out / "checkpoint-5" / "manifest.json")
         proc.wait_for("scored checkpoint-5 ", timeout=120)
         assert proc.proc.poll() is None  # still following: no final_adapter yet
@@ -117,7 +129,7 @@ def test_follow_scores_checkpoints_as_training_writes_them_until_final_adapter(t
         proc.kill()
     output = proc.output()
     assert status == 0, output[-3000:]
-    assert [r["checkpoint"] for r in rows_of(out)] == NAMES
+    assert [r["checkpoint"] for r in rows_of(out)] == SCORED
     assert output.count("manifest.json is missing") == 1  # reported once, not at every poll
     assert (out / "eval_summary.md").is_file() and (out / "best_checkpoint").is_symlink()
 
@@ -150,7 +162,7 @@ def test_predictions_cut_by_max_new_tokens_and_longer_references_are_counted(tra
             "would cover 95% of them.") in summary.splitlines()
     written = []
     for row in rows_of(out):
-        preds = predictions_of(out / row["checkpoint"])
+        preds = scored_predictions(out, row["checkpoint"])
         assert (row["num_references_over_max_new_tokens"], row["reference_tokens_p95"]) == (4, 31)
         # One new token: a prediction that is not empty did not end with <|im_end|> (it decodes to nothing), so it
         # stopped at max_new_tokens.

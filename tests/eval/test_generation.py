@@ -10,7 +10,7 @@ from longctx.data.tokenizer import load_tokenizer
 from longctx.eval import generation
 from longctx.eval.job import all_setting_names
 from longctx.model.loading import load_base_model
-from support.evaluation import NAMES, SCORE_FLAGS, copy_run, predictions_of, rows_of
+from support.evaluation import SCORE_FLAGS, SCORED, copy_run, rows_of, scored_predictions
 from support.launching import run
 from support.paths import EVAL_000 as EVAL
 from support.paths import REPO_ROOT
@@ -113,10 +113,10 @@ def test_two_processes_merge_to_the_single_process_predictions(scored_run, tmp_p
     assert "with 2 process(es)" in proc.stdout
     assert proc.stdout.count("* best by rougeLsum") == 1  # rank 0 alone prints and writes
     rows1, rows2 = rows_of(single), rows_of(out)
-    assert [r["checkpoint"] for r in rows2] == NAMES and [r["num_processes"] for r in rows2] == [2] * 4
+    assert [r["checkpoint"] for r in rows2] == SCORED and [r["num_processes"] for r in rows2] == [2] * 5
     for r1, r2 in zip(rows1, rows2):
         assert r1["eval_fingerprint"] == r2["eval_fingerprint"]  # the process count is not a setting
-        assert predictions_of(out / r2["checkpoint"]) == predictions_of(single / r1["checkpoint"])
+        assert scored_predictions(out, r2["checkpoint"]) == scored_predictions(single, r1["checkpoint"])
         assert {k: r1[k] for k in r1 if k.startswith("rouge")} == {k: r2[k] for k in r2 if k.startswith("rouge")}
         for count in ("num_empty", "num_think_stripped", "num_hit_max_new_tokens",
                       "num_references_over_max_new_tokens"):
@@ -148,3 +148,22 @@ def test_adapters_are_loaded_in_the_base_models_dtype(tiny_dir, tmp_path):
     default = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.bfloat16),
                                         tmp_path / "adapter-1")
     assert lora_dtypes(default) == {torch.float32}
+
+
+def test_the_plain_base_model_is_scored_before_any_adapter_and_refused_after(tiny_dir, tmp_path):
+    """peft's first adapter wraps the base model's layers in place: the plain base exists only before it, so the base
+    model is scored first, and the swapper refuses it afterwards rather than generating with an adapter active."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
+    get_peft_model(fresh, LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear")).save_pretrained(
+        tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
+    swapper = generation.AdapterSwapper(base)
+    assert swapper.plain() is base and not any("lora_" in name for name, _ in base.named_parameters())
+    swapper.activate(tmp_path / "adapter")
+    with pytest.raises(RuntimeError, match="the base model must be scored before any adapter is loaded"):
+        swapper.plain()

@@ -78,10 +78,10 @@ def test_one_process_gets_results_or_the_failure_with_its_traceback(capsys):
 @pytest.mark.e2e
 @pytest.mark.parametrize("module, function, rank, error, line", [
     ("generation", "generate_batches", 1, 'RuntimeError("injected: rank 1 cannot generate")',
-     "error: rank 1 of 2 failed while scoring checkpoint-2: RuntimeError: injected: rank 1 cannot generate; "
+     "error: rank 1 of 2 failed while scoring base: RuntimeError: injected: rank 1 cannot generate; "
      "every rank stopped"),
     ("results", "save_row", 0, 'OSError(28, "No space left on device")',
-     "error: rank 0 of 2 failed while writing the results of checkpoint-2: OSError: [Errno 28] No space left on "
+     "error: rank 0 of 2 failed while writing the results of base: OSError: [Errno 28] No space left on "
      "device; every rank stopped"),
 ], ids=["rank 1 generating", "rank 0 writing"])
 def test_a_failed_rank_stops_every_rank_promptly(trained_run, tmp_path, module, function, rank, error, line):
@@ -99,4 +99,4 @@ def test_a_failed_rank_stops_every_rank_promptly(trained_run, tmp_path, module, 
     assert line in proc.stderr.splitlines(), proc.stderr[-5000:]
     assert proc.stderr.count(line) == 1  # rank 0 alone prints it
     assert f'raise {error}' in proc.stderr  # the failed rank's own traceback is kept
-    assert not (out / "eval_results.jsonl").exists()  # nothing scored: the first checkpoint failed
+    assert not (out / "eval_results.jsonl").exists()  # nothing scored: the first model, the base, failed

@@ -17,11 +17,11 @@ from rouge_score import rouge_scorer, scoring
 from longctx.eval import results
 from longctx.eval.generation import Prediction, Prompt
 from longctx.eval.job import scoring_settings
-from longctx.eval.metrics import ROUGE_TYPES, rouge_with_intervals, sentences_per_line
+from longctx.eval.metrics import ROUGE_TYPES, rouge_per_example, rouge_with_intervals, sentences_per_line
 from longctx.run.checkpoints import Checkpoint
 from longctx.utils import atomic_write
 from longctx.utils.hashing import fingerprint as fingerprint_of
-from support.evaluation import NAMES, SCORE_FLAGS, copy_run, predictions_of, rows_of
+from support.evaluation import SCORE_FLAGS, SCORED, copy_run, rows_of, scored_predictions
 from support.launching import Started, run
 from support.paths import EVAL_000 as EVAL
 from support.paths import REPO_ROOT
@@ -37,10 +37,10 @@ def test_rows_keep_the_standard_fields_and_match_rouge_score_with_intervals(scor
     out, proc = scored_run
     rows = rows_of(out)
     assert [(r["checkpoint"], r["global_step"]) for r in rows] == [
-        ("checkpoint-2", 2), ("checkpoint-4", 4), ("checkpoint-5", 5), ("final_adapter", 5)]
+        ("base", 0), ("checkpoint-2", 2), ("checkpoint-4", 4), ("checkpoint-5", 5), ("final_adapter", 5)]
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     for row in rows:
-        preds = predictions_of(out / row["checkpoint"])
+        preds = scored_predictions(out, row["checkpoint"])
         assert len(preds) == row["num_examples"] == 4
         assert row["num_empty"] == sum(p["prediction"] == "" for p in preds)
         per_example = [scorer.score(sentences_per_line(p["reference"]), sentences_per_line(p["prediction"]))
@@ -49,6 +49,14 @@ def test_rows_keep_the_standard_fields_and_match_rouge_score_with_intervals(scor
             expected = sum(s[metric].fmeasure for s in per_example) / len(per_example)
             assert row[metric] == pytest.approx(expected, abs=1e-12)
             assert 0.0 <= row[f"{metric}_low"] <= row[metric] <= row[f"{metric}_high"] <= 1.0
+            # each line carries its own scores, rouge_score's for that pair
+            assert [p[metric] for p in preds] == pytest.approx([s[metric].fmeasure for s in per_example], abs=1e-12)
+        # token counts of the texts as scored, by the tokenizer without special tokens, and their means in the row
+        for p in preds:
+            assert p["prediction_tokens"] == len(tokenizer(p["prediction"], add_special_tokens=False)["input_ids"])
+            assert p["reference_tokens"] == len(tokenizer(p["reference"], add_special_tokens=False)["input_ids"])
+        assert row["mean_prediction_tokens"] == pytest.approx(sum(p["prediction_tokens"] for p in preds) / 4, abs=0.01)
+        assert row["mean_reference_tokens"] == pytest.approx(sum(p["reference_tokens"] for p in preds) / 4, abs=0.01)
         # max_new_tokens from 000's config.yaml, the batch size from SCORE_FLAGS; the tiny tokenizer's EOS is id 2
         assert row["generation"] == {"max_new_tokens": 48, "generation_batch_size": 2, "decoding": "greedy",
                                      "stop_token_ids": [2], "padding_side": "left", "dtype": "float32",
@@ -56,6 +64,7 @@ def test_rows_keep_the_standard_fields_and_match_rouge_score_with_intervals(scor
         validation = (REPO_ROOT / row["validation_file"]).read_bytes()
         assert row["validation_sha256"] == hashlib.sha256(validation).hexdigest()
         assert row["num_processes"] == 1 and len(row["eval_fingerprint"]) == 16
+        assert ("checkpoint_path" in row) == (row["checkpoint"] != "base")
         # 000 trains with its tiny tokenizer's own template
         assert row["chat_template"] == "tokenizer"
         assert row["chat_template_sha256"] == hashlib.sha256(tiny.CHAT_TEMPLATE.encode("utf-8")).hexdigest()
@@ -63,22 +72,70 @@ def test_rows_keep_the_standard_fields_and_match_rouge_score_with_intervals(scor
         assert row["num_think_stripped"] == 0 and not any("raw_prediction" in p for p in preds)
         # References of the 4 validation records: summary tokens + <|im_end|> by the tokenizer itself, i.e.
         # [27, 31, 27, 27] (sorted 27, 27, 27, 31); none above max_new_tokens 48; the 95th percentile is the
-        # ceil(0.95 * 4) = 4th smallest, 31.
+        # ceil(0.95 * 4) = 4th smallest, 31. The predictions files count the summary alone: one fewer.
         lengths = [len(tokenizer(p["reference"], add_special_tokens=False)["input_ids"]) + 1 for p in preds]
-        assert sorted(lengths) == [27, 27, 27, 31]
+        assert sorted(lengths) == [27, 27, 27, 31] and sorted(p["reference_tokens"] for p in preds) == [26, 26, 26, 30]
         assert (row["num_references_over_max_new_tokens"], row["reference_tokens_p95"]) == (0, 31)
         assert 0 <= row["num_hit_max_new_tokens"] <= row["num_examples"]
+        assert [p["prompt_tokens"] for p in preds] == PROMPT_TOKENS
     # The short run already shows a progression: the first checkpoint writes (mostly) nothing, later ones text.
-    assert rows[0]["num_empty"] > rows[2]["num_empty"]
-    assert rows[2]["rougeLsum"] > rows[0]["rougeLsum"]
-    assert "scoring 4 checkpoint(s)" in proc.stdout
+    assert rows[1]["num_empty"] > rows[3]["num_empty"]
+    assert rows[3]["rougeLsum"] > rows[1]["rougeLsum"]
+    assert "scoring the base model and 4 checkpoint(s)" in proc.stdout
     scored = [line for line in proc.stdout.splitlines() if line.startswith("scored ")]
     assert [line.split(" (step")[0] for line in scored] == \
-           [f"scored {name}" for name in NAMES]  # one line per checkpoint, once its row is written
+           [f"scored {name}" for name in SCORED]  # one line per row, once it is written; the base model first
     for line, row in zip(scored, rows):
         assert (f"; empty {row['num_empty']}/4; think stripped 0; hit max_new_tokens {row['num_hit_max_new_tokens']}; "
-                f"references over max_new_tokens 0; ") in line
+                f"references over max_new_tokens 0; tokens predicted / reference {row['mean_prediction_tokens']:.1f} "
+                f"/ {row['mean_reference_tokens']:.1f}; ") in line
     assert "warning:" not in proc.stderr  # no reference is longer than max_new_tokens
+
+    # The report: the base model's row first, the best checkpoint's paired line, the length table (4 examples are
+    # fewer than 2 x 5: one bucket) and its plot.
+    summary = (out / "eval_summary.md").read_text()
+    table = [line.split("|")[1].strip().strip("*") for line in summary.splitlines() if line.startswith("| ")
+             and "[" in line and "minus" not in line]
+    assert table[:5] == SCORED
+    best = max(rows[1:], key=lambda r: r["rougeLsum"])
+    assert f"**Best by ROUGE-Lsum:** {best['checkpoint']} (step {best['global_step']}): " in summary
+    assert "Paired differences (best minus other, 95% interval): base model " in summary
+    assert "4 examples are fewer than 2 x 5: one bucket" in summary and "| all | " in summary
+    assert (out / "rouge_by_length.png").is_file() and (out / "rouge_by_length.csv").is_file()
+    assert (out / "best_checkpoint").resolve() == (out / best["checkpoint"]).resolve()
+
+
+# The 4 validation prompts' token counts: their training prompts (longctx.data.chat, 000's settings), in file order.
+PROMPT_TOKENS = [480, 738, 597, 603]
+
+
+@pytest.mark.e2e
+def test_the_base_row_is_the_plain_base_model_on_the_same_prompts(scored_run, monkeypatch):
+    """The base model's predictions are what the model without any adapter generates from the training prompts with
+    the same generation settings; the prompts' token counts are those of the training prompts."""
+    from longctx.config import parse_config
+    from longctx.data.chat import ChatFormat, template_name
+    from longctx.data.tokenizer import load_tokenizer
+    from longctx.eval import generation
+    from longctx.eval.job import all_setting_names
+    from longctx.model.loading import load_base_model
+    from longctx.settings import DataArguments, GenerationArguments, ModelArguments
+
+    out, _ = scored_run
+    monkeypatch.chdir(REPO_ROOT)
+    (model_args, data, gen), _, _ = parse_config(
+        ["--config", str(out / "run_config.yaml"), "--generation_batch_size", "2"],
+        (ModelArguments, DataArguments, GenerationArguments), tolerated_keys=all_setting_names())
+    tokenizer = load_tokenizer(model_args, padding_side="left")
+    prompts, _ = generation.build_prompts(tokenizer, data, template_name(model_args))
+    chat = ChatFormat(tokenizer, data, template_name(model_args))
+    records = [json.loads(line) for line in (REPO_ROOT / data.validation_file).read_text().splitlines()][:4]
+    assert [len(chat.encode(r["document"], r["summary"]).prompt_ids) for r in records] == PROMPT_TOKENS
+    plain = generation.generate(load_base_model(model_args, training=False).eval(), tokenizer, prompts, gen)
+    written = scored_predictions(out, "base")
+    assert [p["id"] for p in written] == [p.id for p in prompts]
+    assert [p["prediction"] for p in written] == [p.text for p in plain]
+    assert [p["prompt_tokens"] for p in written] == [len(p.input_ids) for p in prompts]
 
 
 @pytest.mark.e2e
@@ -91,7 +148,8 @@ def test_second_run_is_a_no_op_and_force_or_new_settings_score_again(scored_run,
     again = run(["bash", EVAL, *SCORE_FLAGS], OUTPUT_DIR=str(out))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already scored with these settings" in again.stdout
-    assert "skipped: checkpoint-2, checkpoint-4, checkpoint-5, final_adapter; --force scores them again" in again.stdout
+    assert "skipped: base, checkpoint-2, checkpoint-4, checkpoint-5, final_adapter; --force scores them again" in \
+        again.stdout
     assert "scoring" not in again.stdout and "Loading weights" not in again.stdout + again.stderr  # no model loaded
     assert (out / "eval_results.jsonl").read_bytes() == before
     assert (out / "eval_summary.md").is_file()  # the report is refreshed all the same
@@ -99,20 +157,21 @@ def test_second_run_is_a_no_op_and_force_or_new_settings_score_again(scored_run,
     shorter = run(["bash", EVAL, *SCORE_FLAGS, "--max_new_tokens", "8"], OUTPUT_DIR=str(out))
     assert shorter.returncode == 0, shorter.stderr[-3000:]
     rows = rows_of(out)
-    assert len(rows) == 8  # the earlier rows stay; the new settings get rows of their own
+    assert len(rows) == 10  # the earlier rows stay; the new settings get rows of their own (the base model's too)
     assert len({r["eval_fingerprint"] for r in rows}) == 2
-    assert [r["generation"]["max_new_tokens"] for r in rows] == [48] * 4 + [8] * 4
-    assert "4 row(s) of eval_results.jsonl scored with other settings are not shown" in shorter.stdout
+    assert [r["generation"]["max_new_tokens"] for r in rows] == [48] * 5 + [8] * 5
+    assert [r["checkpoint"] for r in rows[5:]] == SCORED
+    assert "5 row(s) of eval_results.jsonl scored with other settings are not shown" in shorter.stdout
 
     forced = run(["bash", EVAL, *SCORE_FLAGS, "--max_new_tokens", "8", "--force"], OUTPUT_DIR=str(out))
     assert forced.returncode == 0, forced.stderr[-3000:]
     rows_forced = rows_of(out)
-    assert len(rows_forced) == 8  # replaced, not duplicated
+    assert len(rows_forced) == 10  # replaced, not duplicated
     assert [(r["checkpoint"], r["eval_fingerprint"]) for r in rows_forced] == \
            [(r["checkpoint"], r["eval_fingerprint"]) for r in rows]
-    for old, new in zip(rows[4:], rows_forced[4:]):  # deterministic: same predictions, same intervals
+    for old, new in zip(rows[5:], rows_forced[5:]):  # deterministic: same predictions, same intervals
         assert {k: old[k] for k in old if k.startswith("rouge")} == {k: new[k] for k in new if k.startswith("rouge")}
-    # Rows were written 8 times under the lock: no lock file (nor any other hidden file) is left behind.
+    # Rows were written 10 times under the lock: no lock file (nor any other hidden file) is left behind.
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == hidden_before
 
 
@@ -131,16 +190,16 @@ def test_killed_run_leaves_whole_rows_and_rerun_finishes_without_duplicates(trai
     text = results_file.read_text()
     assert text.endswith("\n")
     killed_rows = [json.loads(line) for line in text.splitlines()]  # every line is a whole row
-    assert 1 <= len(killed_rows) < len(NAMES)
-    assert [r["checkpoint"] for r in killed_rows] == NAMES[:len(killed_rows)]
+    assert 2 <= len(killed_rows) < len(SCORED)  # the base model's row and checkpoint-2's at least
+    assert [r["checkpoint"] for r in killed_rows] == SCORED[:len(killed_rows)]
 
     rerun = run(["bash", EVAL, "--report_to", "none"], OUTPUT_DIR=str(out))
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     rows = rows_of(out)
-    assert [r["checkpoint"] for r in rows] == NAMES  # exactly one row per checkpoint, in order
+    assert [r["checkpoint"] for r in rows] == SCORED  # exactly one row per checkpoint (and the base), in order
     assert rows[:len(killed_rows)] == killed_rows  # the rows from before the kill are kept as they were
-    assert f"skipped: {', '.join(NAMES[:len(killed_rows)])}" in rerun.stdout
-    assert f"scoring {len(NAMES) - len(killed_rows)} checkpoint(s)" in rerun.stdout
+    assert f"skipped: {', '.join(SCORED[:len(killed_rows)])}" in rerun.stdout
+    assert f"scoring {len(SCORED) - len(killed_rows)} checkpoint(s)" in rerun.stdout  # the base model is not again
 
 
 # --- settings and fingerprint --------------------------------------------------------------------------------------
@@ -258,19 +317,38 @@ def test_where_a_directory_cannot_be_locked_a_lock_file_is_used(tmp_path, monkey
 
 
 def test_predictions_keep_the_raw_output_where_it_differs_and_a_deleted_checkpoint_gets_none(tmp_path):
-    prompts = [Prompt("a", [1], "ref a"), Prompt("b", [2], "ref b")]
-    predictions = [Prediction("pred a", "pred a", False, False),
+    prompts = [Prompt("a", [1, 5, 9], "the court found for acme", 6), Prompt("b", [2, 7], "the claim failed", 4)]
+    predictions = [Prediction("the court found for birch", "the court found for birch", False, False),
                    Prediction("", "<think>\nand on", True, True)]
+    # rouge1 of a: 4 of 5 unigrams shared both ways, P = R = F = 0.8; rouge2: 3 of 4 bigrams, 0.75; rougeL: the
+    # common subsequence "the court found for", 0.8. b is empty: 0 everywhere.
+    scores = rouge_per_example([p.text for p in predictions], [p.reference for p in prompts])
+    assert [s["rouge2"] for s in scores] == pytest.approx([0.75, 0.0])
+    records = results.example_records(prompts, predictions, scores, count_tokens=lambda text: len(text.split()))
     ckpt = Checkpoint(tmp_path / "checkpoint-1", 1)
     ckpt.path.mkdir()
-    results.write_predictions(ckpt, prompts, predictions)
-    assert [json.loads(line) for line in (ckpt.path / "eval_predictions.jsonl").read_text().splitlines()] == [
-        {"id": "a", "prediction": "pred a", "reference": "ref a"},
-        {"id": "b", "prediction": "", "reference": "ref b", "raw_prediction": "<think>\nand on"}]
+    results.write_predictions(ckpt, records)
+    lines = [json.loads(line) for line in (ckpt.path / "eval_predictions.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"id": "a", "prediction": "the court found for birch", "reference": "the court found for acme",
+         "prompt_tokens": 3, "reference_tokens": 5, "prediction_tokens": 5, "rouge1": pytest.approx(0.8),
+         "rouge2": pytest.approx(0.75), "rougeL": pytest.approx(0.8), "rougeLsum": pytest.approx(0.8)},
+        {"id": "b", "prediction": "", "reference": "the claim failed", "raw_prediction": "<think>\nand on",
+         "prompt_tokens": 2, "reference_tokens": 3, "prediction_tokens": 0, "rouge1": 0.0, "rouge2": 0.0,
+         "rougeL": 0.0, "rougeLsum": 0.0}]
+    assert all(isinstance(line[m], float) for line in lines for m in ROUGE_TYPES)  # 0.0, not rouge_score's int 0
     warnings = []
-    results.write_predictions(Checkpoint(tmp_path / "checkpoint-2", 2), prompts, predictions, warn=warnings.append)
+    results.write_predictions(Checkpoint(tmp_path / "checkpoint-2", 2), records, warn=warnings.append)
     assert warnings == [f"{tmp_path / 'checkpoint-2'} is gone; its predictions are not written"]
     assert not (tmp_path / "checkpoint-2").exists()
+    # the base model's predictions live in the run directory, beside eval_results.jsonl
+    base = results.BaseModel(tmp_path)
+    assert (base.name, base.global_step) == ("base", 0)
+    results.write_predictions(base, records)
+    assert results.read_predictions(tmp_path / "eval_base_predictions.jsonl") == lines
+    assert results.row_predictions_path(tmp_path, {"checkpoint": "base"}) == tmp_path / "eval_base_predictions.jsonl"
+    assert results.row_predictions_path(tmp_path, {"checkpoint": "checkpoint-1"}) == \
+        ckpt.path / "eval_predictions.jsonl"
 
 
 # --- intervals -----------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""longctx.eval.wandb_log: ROUGE into the training run (resumed) against each checkpoint's training step, one
-prediction table per checkpoint; without the training run's id, a new run of the group. Offline runs read back
-with `wandb leet inspect`."""
+"""longctx.eval.wandb_log: ROUGE into the training run (resumed) against each checkpoint's training step (the base
+model at step 0), one prediction table per checkpoint, the length table; without the training run's id, a new run of
+the group. Offline runs read back with `wandb leet inspect`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from support.evaluation import NAMES, copy_run, rows_of
+from support.evaluation import SCORED, copy_run, rows_of
 from support.launching import run, wandb_records
 from support.paths import EVAL_000 as EVAL
 
@@ -30,16 +30,24 @@ def test_wandb_resumes_the_training_run_and_logs_rouge_at_each_checkpoint_step(t
     metrics = [r["metric"] for r in records if r.get("type") == "metric"]
     assert {"glob_name": "rouge/*", "step_metric": "train/global_step"}.items() <= \
            next(m for m in metrics if m.get("glob_name") == "rouge/*").items()
-    history = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    logged = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    history = [h for h in logged if "train/global_step" in h]
     rows = rows_of(out)
-    assert [h["train/global_step"] for h in history] == [r["global_step"] for r in rows] == [2, 4, 5, 5]
+    assert [h["train/global_step"] for h in history] == [r["global_step"] for r in rows] == [0, 2, 4, 5, 5]
+    assert [r["checkpoint"] for r in rows] == SCORED  # the base model at step 0: the curves start before training
     for h, row in zip(history, rows):
         for key in ("rouge1", "rougeLsum", "rougeLsum_low", "rougeLsum_high"):
             assert h[f"rouge/{key}"] == pytest.approx(row[key], abs=1e-12)
         assert h["rouge/num_empty"] == row["num_empty"]
+        assert h["rouge/mean_prediction_tokens"] == pytest.approx(row["mean_prediction_tokens"], abs=1e-12)
         table = f"predictions/{row['checkpoint']}"  # one table per checkpoint: nothing overwritten
         assert h[f"{table}._type"] == "table-file" and h[f"{table}.nrows"] == 4
         assert (new[0] / "files" / h[f"{table}.path"]).is_file()
+    # After scoring, the report's length table: one line per bucket and shown model, as in rouge_by_length.csv
+    (length,) = [h for h in logged if "rouge_by_length._type" in h]
+    csv_lines = (out / "rouge_by_length.csv").read_text().splitlines()
+    assert length["rouge_by_length._type"] == "table-file" and length["rouge_by_length.nrows"] == len(csv_lines) - 1
+    assert (new[0] / "files" / length["rouge_by_length.path"]).is_file()
 
 
 @pytest.mark.e2e
@@ -52,7 +60,7 @@ def test_wandb_without_the_training_run_id_logs_into_a_new_run_of_the_group(trai
     run_record = next(r["run"] for r in records if r.get("type") == "run")
     assert run_record["run_group"] == "grouped" and run_record["job_type"] == "eval"
     history = [r["history"]["item"] for r in records if r.get("type") == "history"]
-    assert [h["train/global_step"] for h in history] == [2, 4, 5, 5]
+    assert [h["train/global_step"] for h in history if "train/global_step" in h] == [0, 2, 4, 5, 5]
     assert "wandb sync" in proc.stdout
 
 
@@ -68,13 +76,16 @@ def test_scoring_again_with_force_logs_under_a_new_key_never_twice_under_one(tra
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folders = sorted(set((out / "wandb").glob(f"offline-run-*-{train_id}")))
     assert len(folders) == 3  # training's, the first scoring's, the --force scoring's (the last rerun logged nothing)
-    first, forced = ([r["history"]["item"] for r in wandb_records(f) if r.get("type") == "history"]
-                     for f in folders[1:])
-    assert [h["train/global_step"] for h in first] == [h["train/global_step"] for h in forced] == [2, 4, 5, 5]
+    first_logged, forced_logged = ([r["history"]["item"] for r in wandb_records(f) if r.get("type") == "history"]
+                                   for f in folders[1:])
+    first, forced = ([h for h in logged if "train/global_step" in h] for logged in (first_logged, forced_logged))
+    assert [h["train/global_step"] for h in first] == [h["train/global_step"] for h in forced] == [0, 2, 4, 5, 5]
     assert all("rouge/rougeLsum" in h and not any(k.startswith("rouge@") for k in h) for h in first)
     assert all("rouge@2/rougeLsum" in h and not any(k.startswith("rouge/") for k in h) for h in forced)
     assert {k for h in forced for k in h if k.startswith("predictions")} >= {
-        f"predictions@2/{name}._type" for name in NAMES}
+        f"predictions@2/{name}._type" for name in SCORED}
+    assert any("rouge_by_length._type" in h for h in first_logged)
+    assert any("rouge_by_length@2._type" in h for h in forced_logged)
     fingerprint = rows_of(out)[0]["eval_fingerprint"]
     assert json.loads((out / "wandb_run.json").read_text())["evaluations"] == [
         {"key": "rouge", "fingerprint": fingerprint, "force": False},

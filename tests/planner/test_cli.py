@@ -315,3 +315,43 @@ def test_launcher_stops_with_3_when_the_plan_does_not_fit_unless_overridden(tmp_
     assert "fits in 79.6 GiB" in fits.stdout and "+ accelerate launch" in fits.stdout
     assert "on 1 GPU(s) (--num_gpus)" in fits.stdout
 
+
+
+def test_the_in_training_evaluation_of_011_has_its_own_line_and_verdict(capsys):
+    """011 trains each 1,048,576-token sample split over 8 GPUs, but evaluation runs whole samples on each GPU.
+    Its forward working set by hand (Qwen3-4B: hidden 2,560, 32 x 128 query and 8 x 128 KV widths, bf16):
+    residual 2 x 2,560 x 2 = 10,240 bytes per token; attention (2 x 4,096 + 2 x 1,024) x 2 + (4,096 + 1,024) x 4
+    = 40,960; tiled MLP: one 8,192-token tile, smaller; 1,048,576 x (10,240 + 40,960) = 50 x 2^30 = 50.00 GiB."""
+    assert cli.main(["--config", CONFIG_011]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index("In-training evaluation per GPU (the eval loss every eval_steps): 1 x 1,048,576 tokens, the "
+                         "longest validation sample (max_seq_length: no length cache), whole on each GPU (sequence "
+                         "parallelism is off in evaluation: training splits each sample over 8)")
+    assert lines[header + 5].startswith(f"    {'forward working set':<26}{'50.00 GiB':>11}   one layer at a time: "
+                                        f"1,048,576 tokens x 10,240 bytes residual + its larger part (attention")
+    assert lines[header + 6].startswith(f"    {'estimated peak':<26}") and ": fits in 80 GiB" in lines[header + 6]
+
+
+def test_an_in_training_evaluation_that_does_not_fit_stops_the_plan_with_its_fixes(capsys):
+    """The training step of 011 is 60.71 GiB (its plan), its evaluation's peak by hand: weights 4.02 B x 2 bytes =
+    7.49 GiB + LoRA + optimizer 0.12 GiB (the step's) + framework 1 + 0.5 (NCCL) + 0.75 (ZeRO buckets) + 5% of
+    50 = 4.75 GiB + the forward working set 50.00 GiB (the test above; larger than the logits' 0.72 GiB) = 62.36
+    GiB. On a 61 GiB GPU the step fits and the evaluation does not (1.36 GiB over), and the plan says so (exit 3)."""
+    code = cli.main(["--config", CONFIG_011, "--gpu_memory_gib", "61"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == exit_status.DOES_NOT_FIT
+    assert any(line.startswith("  verdict: fits in 61 GiB") for line in lines)  # the training step
+    (verdict,) = [line for line in lines if line.startswith(f"    {'estimated peak':<26}")]
+    assert verdict.endswith(": DOES NOT FIT in 61 GiB (over by 1.36 GiB): validation samples shorter than "
+                            "1,048,576 tokens (a validation_file of shorter documents); or eval_strategy no (then "
+                            "score the checkpoints afterwards: eval_all_checkpoints.sh)"), verdict
+
+
+def test_the_in_training_evaluation_of_010_peaks_in_its_untiled_mlp(capsys):
+    """010: 262,144 tokens, tiled_mlp off, adapters in bf16 under ZeRO. MLP by hand (intermediate 9,728): act +
+    up_proj's output 2 x 9,728 x 2 + LoRA update 9,728 x 2 + their sum 9,728 x 2 = 77,824 bytes per token, over the
+    attention's 40,960; + residual 10,240 = 88,064 x 262,144 tokens = 21.50 GiB."""
+    assert cli.main(["--config", CONFIG_010]) == 0
+    out = capsys.readouterr().out
+    assert (f"    {'forward working set':<26}{'21.50 GiB':>11}   one layer at a time: 262,144 tokens x 10,240 bytes "
+            f"residual + its larger part (MLP: act, up_proj, its LoRA update and their sum)  <- peak") in out

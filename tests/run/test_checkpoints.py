@@ -10,16 +10,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from longctx.errors import AdapterError
+from longctx.errors import AdapterError, DiskFullError
 from longctx.model.loading import apply_lora
 from longctx.run.checkpoints import (
     find_checkpoints,
     read_trainer_state,
     verify_adapter,
     write_manifest,
+    writing,
 )
 from longctx.run.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST
 from longctx.settings import LoraArguments
+from support.disk import fill, small_disk
 
 
 @pytest.fixture()
@@ -195,3 +197,34 @@ def test_verify_adapter_missing_weights_file(lora_model, saved_adapter):
     with pytest.raises(AdapterError, match=f"{ADAPTER_WEIGHTS} is missing"):
         verify_adapter(saved_adapter, lora_model)
 
+
+
+# --- a full disk while writing ---------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_writing_a_checkpoint_removes_it_and_names_the_last_complete_one(tmp_path, saved_adapter):
+    with small_disk(tmp_path / "disk", 8) as run:
+        last = complete_copy(saved_adapter, run / "checkpoint-1", 1)
+        (last / "trainer_state.json").write_text("{}")
+        write_manifest(last, 1, git_commit=None)
+        # its size, summed here: the adapter files, trainer_state.json and manifest.json
+        last_bytes = sum(f.stat().st_size for f in last.iterdir())
+        fill(run / "filler")
+        with pytest.raises(DiskFullError) as err:
+            with writing(run, run / "checkpoint-2"):
+                (run / "checkpoint-2").mkdir()  # a directory takes no block on tmpfs; its first file fails
+                torch.save({"exp_avg": torch.zeros(1000)}, run / "checkpoint-2" / "optimizer.pt")
+        assert not (run / "checkpoint-2").exists() and (last / MANIFEST).is_file()
+    assert isinstance(err.value.__cause__, RuntimeError)  # torch's own "unexpected pos", kept as the cause
+    assert str(err.value) == (
+        f"OUTPUT_DIR {run} is full (0.0 MiB free on {run}) while writing checkpoint-2 (removed: incomplete, 0.0 MiB "
+        f"written): the last complete checkpoint is checkpoint-1 ({last_bytes / 2**20:.1f} MiB): free space and "
+        f"relaunch the same command to resume from it; the run plan's disk line says what the run needs")
+
+
+def test_other_write_failures_pass_through_writing_unchanged(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(PermissionError):
+        with writing(tmp_path, tmp_path / "checkpoint-3"):
+            raise PermissionError(13, "Permission denied")
+    assert (tmp_path / "checkpoint-3").is_dir()  # not a full disk: nothing removed

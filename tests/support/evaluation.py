@@ -15,10 +15,12 @@ from .paths import REPO_ROOT
 QUICK_TRAINING = ["--max_train_samples", "12", "--max_eval_samples", "4", "--num_train_epochs", "1",
                   "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--warmup_steps", "0"]
 NAMES = ["checkpoint-2", "checkpoint-4", "checkpoint-5", "final_adapter"]
+SCORED = ["base", *NAMES]  # the rows of a scoring: the base model (step 0) first
 # Batches of 2 of the 4 validation prompts: with 2 processes each generates one batch.
 SCORE_FLAGS = ["--report_to", "none", "--generation_batch_size", "2"]
 EVAL_OUTPUTS = ("eval_results.jsonl", "eval_summary.md", "rouge_by_step.png", "rouge_by_step.csv", "loss_curve.png",
-                "loss_curve.csv", "best_checkpoint", "eval_predictions.jsonl")
+                "loss_curve.csv", "best_checkpoint", "eval_predictions.jsonl", "eval_base_predictions.jsonl",
+                "rouge_by_length.png", "rouge_by_length.csv")
 
 
 def copy_run(src: Path, dst: Path, without: tuple[str, ...] = ()) -> Path:
@@ -34,6 +36,13 @@ def rows_of(run_dir: Path) -> list[dict]:
 
 def predictions_of(ckpt: Path) -> list[dict]:
     return [json.loads(line) for line in (ckpt / "eval_predictions.jsonl").read_text().splitlines()]
+
+
+def scored_predictions(run_dir: Path, name: str) -> list[dict]:
+    """The predictions file of a results row: the base model's in the run directory, else the checkpoint's."""
+    if name == "base":
+        return [json.loads(line) for line in (run_dir / "eval_base_predictions.jsonl").read_text().splitlines()]
+    return predictions_of(run_dir / name)
 
 
 def line_count(path: Path) -> int:

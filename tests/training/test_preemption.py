@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +16,8 @@ from transformers import TrainerControl, TrainerState
 from longctx.errors import Preempted
 from longctx.training import preemption
 from longctx.training.preemption import PreemptionCallback
+from support.env import subprocess_env
+from support.paths import REPO_ROOT
 from support.processes import run_ranks
 
 ARGS = SimpleNamespace(device="cpu")
@@ -38,7 +42,7 @@ def test_a_signal_is_noted_once_and_acted_on_at_the_end_of_the_step(capsys, monk
     assert (control.should_save, control.should_training_stop, control.should_evaluate) == (True, True, False)
     stop = callback.outcome()
     assert isinstance(stop, Preempted)
-    assert str(stop) == ("stopped for SIGTERM/SIGUSR1 at step 7: checkpoint-7 is saved; relaunch the same command to "
+    assert str(stop) == ("stopped for SIGUSR1 at step 7: checkpoint-7 is saved; relaunch the same command to "
                          "resume from it")
     assert capsys.readouterr().err == ("rank 0: got SIGUSR1; stopping at the end of this optimizer step with a "
                                        "checkpoint\n")
@@ -61,8 +65,27 @@ def _one_rank_signalled(rank: int, world_size: int):
     if rank == 1:
         os.kill(os.getpid(), signal.SIGTERM)
     control = callback.on_step_end(ARGS, TrainerState(global_step=12), TrainerControl())
-    return control.should_save, control.should_training_stop, callback.stopped_at_step
+    return control.should_save, control.should_training_stop, str(callback.outcome())
 
 
-def test_every_rank_stops_at_the_same_step_when_one_rank_was_signalled(tmp_path):
-    assert run_ranks(_one_rank_signalled, tmp_path) == [(True, True, 12), (True, True, 12)]
+def test_every_rank_stops_at_the_same_step_for_the_same_signal_when_one_rank_was_signalled(tmp_path):
+    line = "stopped for SIGTERM at step 12: checkpoint-12 is saved; relaunch the same command to resume from it"
+    assert run_ranks(_one_rank_signalled, tmp_path) == [(True, True, line), (True, True, line)]
+
+
+def test_ctrl_c_is_a_stop_request_and_a_second_ctrl_c_stops_at_once(tmp_path):
+    """In its own process: the second SIGINT ends it (status 130, as a shell reports an interrupted program)."""
+    program = (
+        "import os, signal, sys\n"
+        "from longctx.training.preemption import PreemptionCallback\n"
+        "callback = PreemptionCallback()\n"
+        "callback.install()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "print('noted', callback.requested.name, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "print('still running', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", program], cwd=REPO_ROOT, env=subprocess_env(RANK="0"),
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (130, "noted SIGINT\n")
+    assert proc.stderr == ("rank 0: got SIGINT; stopping at the end of this optimizer step with a checkpoint\n"
+                           "rank 0: got SIGINT again; stopping at once, without a checkpoint of this step\n")
