@@ -5,6 +5,7 @@ the layers below; folders on one line do not import each other. pyproject.toml w
 contract and the tests run it (tests/test_architecture.py), with no exception.
 
     train.py | preflight.py | tiny.py   entry points: training as a recipe; every check before launch; the tiny default
+    summarize.py | export.py            use what was trained: summarize new documents; a merged (or averaged) model
     eval/                               score checkpoints: prompts, generation, ROUGE, results, report, W&B
     planner/ | training/                the run plan before launch | the Trainer, callbacks, preemption, watchdog
     data/ | model/                      records -> chat template -> ids + labels | loading, LoRA, loss, memory switches
