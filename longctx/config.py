@@ -409,6 +409,7 @@ def validate(settings: Settings, files_at_hand: bool = True, world_size: int | N
     if training.deepspeed and isinstance(training.deepspeed, str):
         _check(Path(training.deepspeed).is_file(), "deepspeed", training.deepspeed,
                "file not found; point it at the experiment's ds_config_zero2.json.")
-    if memory.sequence_parallel_size != 1:
+    if memory.sequence_parallel_size != 1 and world_size is not None:  # a plan away from the cluster: the planner
+        # checks it against the DeepSpeed config the GPUs would get (longctx.planner.runplan)
         validate_sequence_parallel(memory, model, data, world_size, deepspeed_zero_settings(training),
                                    training.deepspeed, architecture)

@@ -134,7 +134,8 @@ def prepare_run_dir(settings: Settings, template: dict[str, str]) -> RunRecord:
         refused = overwrite_refused(out) if run.overwrite else None
         if refused:
             run.overwrite = False
-            print0(f"OVERWRITE=1 not applied: {refused}")
+            if not os.environ.get(lock.TOKEN_ENV):  # launched by the launcher, its preflight has said it
+                print0(f"OVERWRITE=1 not applied: {refused}")
         identity = run_identity(resolved_config(*settings.groups()), training.world_size, template)
         resume_from = check_output_dir(run, str(out), identity, training.max_steps)
         if run.overwrite and out.is_dir():

@@ -288,6 +288,20 @@ def test_the_launcher_prints_the_same_plan_as_the_command_line_on_a_laptop(tmp_p
 
 
 @pytest.mark.e2e
+def test_the_launcher_plans_011s_sequence_parallel_run_on_a_laptop(tmp_path):
+    """011 splits each sample over 8 GPUs under DeepSpeed, which a GPU-less launcher leaves off: its PLAN=1 still
+    plans the cluster run (DeepSpeed's config from the experiment), its in-training evaluation included."""
+    launched = subprocess.run(["bash", str(REPO_ROOT / "experiments" / "011_million_tokens" / "launch_train.sh")],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+                              env=subprocess_env(OUTPUT_DIR=str(tmp_path / "run"), PLAN="1"))
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert "  verdict: fits in 80 GiB (76%, 19.29 GiB to spare)." in launched.stdout.splitlines()
+    assert ("In-training evaluation per GPU (the eval loss every eval_steps): 1 x 1,048,576 tokens, the longest "
+            "validation sample (max_seq_length: no length cache), whole on each GPU (sequence parallelism is off in "
+            "evaluation: training splits each sample over 8)") in launched.stdout.splitlines()
+
+
+@pytest.mark.e2e
 def test_launcher_plan_1_prints_a_plan_that_does_not_fit_and_refuses_a_bad_flag(tmp_path):
     result = launch_009(tmp_path, "--tiled_mlp", "false", "--offload_activations", "false", PLAN="1")
     assert result.returncode == 0 and "DOES NOT FIT" in result.stdout  # PLAN=1 prints; it does not judge
