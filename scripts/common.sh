@@ -72,3 +72,31 @@ help_if_asked() {
     fi
   done
 }
+
+# run_scoring_processes N_SCRIPT_WORDS SCRIPT... -- FLAGS...: evaluation's and summarize's launch. NUM_PROCESSES
+# processes (accelerate launch; plain $PYTHON for one), the command echoed first (DRY_RUN=1 stops there); with several,
+# one cheap process runs first with --preflight: bad input exits 2 there (the launcher would turn it into 1), and
+# when nothing is left to do (exit 4, NOTHING_TO_SCORE in longctx/exit_status.py) no process group and no model start.
+run_scoring_processes() {
+  local -a script=() launch=()
+  while [[ "$1" != "--" ]]; do script+=("$1"); shift; done
+  shift
+  if [[ "$NUM_PROCESSES" -gt 1 ]]; then
+    # --multi_gpu is what starts N processes; on a CPU-only machine they join a gloo group (--cpu would start one).
+    launch=(accelerate launch --quiet --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1
+            --main_process_port "$MASTER_PORT" --dynamo_backend no --mixed_precision no)
+    [[ "$GPUS_FOUND" -eq 0 ]] && launch+=(--num_cpu_threads_per_process "${OMP_NUM_THREADS:-1}")
+  else
+    launch=("$PYTHON")
+  fi
+  echo "+ ${launch[*]} ${script[*]} $*"
+  echo "  (PYTORCH_ALLOC_CONF=$PYTORCH_ALLOC_CONF)"
+  [[ "$DRY_RUN" == "1" ]] && exit 0
+  if [[ "$NUM_PROCESSES" -gt 1 ]]; then
+    local status=0
+    "$PYTHON" "${script[@]}" "$@" --preflight || status=$?
+    [[ "$status" -eq 4 ]] && exit 0
+    [[ "$status" -ne 0 ]] && exit "$status"
+  fi
+  exec "${launch[@]}" "${script[@]}" "$@"
+}

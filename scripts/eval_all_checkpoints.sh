@@ -3,6 +3,7 @@
 #   bash scripts/eval_all_checkpoints.sh experiments/009_text_summary [--any_setting value ...]
 #   bash scripts/eval_all_checkpoints.sh experiments/009_text_summary --follow     # while training runs
 #   bash scripts/eval_all_checkpoints.sh experiments/009_text_summary --force      # score everything again
+#   bash scripts/eval_all_checkpoints.sh experiments/009_text_summary --average_last 3   # + the average of the last 3
 # How evaluation works: docs/evaluation.md.
 set -euo pipefail
 
@@ -29,7 +30,8 @@ PYTHON="${PYTHON:-python}"                                # the Python of the pr
 
 help_if_asked "${BASH_SOURCE[0]}" \
 "Settings: any setting of the run's config is also a flag (e.g. --max_new_tokens 256), plus --force,
-  --follow and the other evaluation options: $PYTHON $EXP_DIR/eval_checkpoint.py --help" "$@"
+  --follow, --average NAME NAME ... / --average_last K (one more row: the exact average of those checkpoints'
+  LoRA updates) and the other evaluation options: $PYTHON $EXP_DIR/eval_checkpoint.py --help" "$@"
 require_int NUM_PROCESSES "$NUM_PROCESSES" 1
 require_int MASTER_PORT "$MASTER_PORT" 1
 [[ -n "$CUDA_VISIBLE_DEVICES" ]] && export CUDA_VISIBLE_DEVICES
@@ -50,23 +52,4 @@ fi
 [[ -n "$OMP_NUM_THREADS" ]] && export OMP_NUM_THREADS
 
 SCRIPT=("$EXP_DIR/eval_checkpoint.py" --config "$CONFIG" --output_dir "$OUTPUT_DIR" --all_checkpoints)
-if [[ "$NUM_PROCESSES" -gt 1 ]]; then
-  # --multi_gpu is what starts N processes; on a CPU-only machine they join a gloo group (--cpu would start one).
-  LAUNCH=(accelerate launch --quiet --multi_gpu --num_processes "$NUM_PROCESSES" --num_machines 1
-          --main_process_port "$MASTER_PORT" --dynamo_backend no --mixed_precision no)
-  [[ "$GPUS_FOUND" -eq 0 ]] && LAUNCH+=(--num_cpu_threads_per_process "${OMP_NUM_THREADS:-1}")
-else
-  LAUNCH=("$PYTHON")
-fi
-echo "+ ${LAUNCH[*]} ${SCRIPT[*]} $*"
-echo "  (PYTORCH_ALLOC_CONF=$PYTORCH_ALLOC_CONF)"
-[[ "$DRY_RUN" == "1" ]] && exit 0
-if [[ "$NUM_PROCESSES" -gt 1 ]]; then
-  # One cheap process first: bad settings exit 2 here (the launcher would turn it into 1), and when every
-  # checkpoint is already scored (exit 4, report refreshed) no process group and no model is started at all.
-  status=0
-  "$PYTHON" "${SCRIPT[@]}" "$@" --preflight || status=$?
-  [[ "$status" -eq 4 ]] && exit 0  # NOTHING_TO_SCORE (longctx.exit_status)
-  [[ "$status" -ne 0 ]] && exit "$status"
-fi
-exec "${LAUNCH[@]}" "${SCRIPT[@]}" "$@"
+run_scoring_processes "${SCRIPT[@]}" -- "$@"

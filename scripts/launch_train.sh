@@ -6,7 +6,8 @@
 # config.yaml (`train_cluster.py --help` lists them) and win over the file.
 # Order: knobs checked -> preflight (python -m longctx.preflight: settings, every data record, OUTPUT_DIR, run plan;
 # one line and exit 2 on a mistake, 3 when the plan does not fit) -> the launch -> the training's status and reason.
-# Exit status: 0 finished, 1 failed, 2 bad input, 3 plan does not fit, 75 stopped for a signal with a checkpoint.
+# Exit status: 0 finished, 1 failed, 2 bad input, 3 plan does not fit, 75 stopped for a signal with a checkpoint,
+# 130 a second Ctrl-C (stopped at once).
 set -euo pipefail
 
 EXP_DIR="$(cd "${1:?usage: launch_train.sh EXPERIMENT_DIR [--setting value ...]}" && pwd)"
@@ -45,7 +46,8 @@ help_if_asked "${BASH_SOURCE[0]}" \
 "Settings: every key of $CONFIG is also a flag after the script, e.g. --learning_rate 5e-5;
   all of them, grouped (model, data, LoRA, memory, run, evaluation, then transformers' TrainingArguments):
   $PYTHON $EXP_DIR/train_cluster.py --help
-Exit status: 0 finished, 1 failed, 2 bad input, 3 plan does not fit, 75 stopped for a signal (resumable)." "$@"
+Exit status: 0 finished, 1 failed, 2 bad input, 3 plan does not fit, 75 stopped for a signal (resumable), 130 a
+second Ctrl-C." "$@"
 
 require_one_of LAUNCHER "$LAUNCHER" accelerate deepspeed
 require_one_of USE_DEEPSPEED "$USE_DEEPSPEED" auto 0 1

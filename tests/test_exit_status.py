@@ -7,7 +7,9 @@ import json
 import re
 
 from longctx import exit_status
-from support.paths import EVAL_LAUNCH, LAUNCH
+from support.paths import EVAL_LAUNCH, LAUNCH, REPO_ROOT
+
+COMMON, SUMMARIZE_LAUNCH = REPO_ROOT / "scripts" / "common.sh", REPO_ROOT / "scripts" / "summarize.sh"
 
 
 def test_the_statuses_are_distinct_and_the_launchers_use_the_same_numbers():
@@ -16,7 +18,10 @@ def test_the_statuses_are_distinct_and_the_launchers_use_the_same_numbers():
     launcher = LAUNCH.read_text()
     assert "Exit status: 0 finished, 1 failed, 2 bad input, 3 plan does not fit, 75 stopped for a signal" in launcher
     assert re.search(r'\[\[ "\$status" -eq 3 \]\]', launcher)  # DOES_NOT_FIT, the plan's verdict
-    assert re.search(r'\[\[ "\$status" -eq 4 \]\] && exit 0', EVAL_LAUNCH.read_text())  # NOTHING_TO_SCORE
+    # NOTHING_TO_SCORE: evaluation's and summarize's launchers exit 0 when their preflight says nothing is left
+    assert re.search(r'\[\[ "\$status" -eq 4 \]\] && exit 0', COMMON.read_text())
+    for script in (EVAL_LAUNCH, SUMMARIZE_LAUNCH):
+        assert script.read_text().endswith('run_scoring_processes "${SCRIPT[@]}" -- "$@"\n')
 
 
 def test_without_the_launchers_directory_nothing_is_recorded(monkeypatch, tmp_path):

@@ -37,7 +37,7 @@ def scan_records(path: str | Path, data: DataArguments) -> RecordScan:
     fields = (data.document_field, data.summary_field)
     problems, keep = [], []
     unit = "row" if path.suffix == ".parquet" else "line"
-    for number, record_or_error in _records(path, fields):
+    for number, record_or_error in read_records(path, fields):
         try:
             if isinstance(record_or_error, DataError):
                 raise record_or_error
@@ -79,7 +79,7 @@ def _where(problem: dict) -> str:
     return f"{problem['file']}:{problem['line']}" if "line" in problem else f"{problem['file']}:row {problem['row']}"
 
 
-def _records(path: Path, fields: tuple[str, str]):
+def read_records(path: Path, fields: tuple[str, str]):
     """(1-based number, record or the DataError that makes that line unusable), streaming."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq

@@ -1,4 +1,5 @@
-"""Score the base model and every checkpoint of a run with ROUGE: base model loaded once, adapters swapped, resumable,
+"""Score the base model and every checkpoint of a run with ROUGE (and, with --average / --average_last, the exact
+average of several checkpoints' LoRA updates as one more row): base model loaded once, adapters swapped, resumable,
 data parallel; the report answers whether fine-tuning helped, whether the best checkpoint is really better (paired
 differences) and whether quality holds as prompts get longer.
 

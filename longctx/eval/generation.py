@@ -111,10 +111,19 @@ def share_of_process(batches: list[list[int]], state) -> list[list[int]]:
         return list(mine)
 
 
+def generated_tokens(new_ids: list[int], stop_ids: list[int]) -> int:
+    """How many ids one row generated before its stop token (the stop token and the padding after it not counted):
+    all of them when it reached max_new_tokens."""
+    stops = set(stop_ids)
+    return next((k for k, token in enumerate(new_ids) if token in stops), len(new_ids))
+
+
 @torch.no_grad()
-def generate_batches(model, tokenizer, prompts: list[Prompt], batches: list[list[int]], generation: GenerationArguments,
-                     stop_ids: list[int]) -> list[tuple[int, Prediction]]:
-    """(prompt index, prediction) for every prompt of `batches`."""
+def generate_ids(model, tokenizer, prompts: list[Prompt], batches: list[list[int]], generation: GenerationArguments,
+                 stop_ids: list[int]) -> list[tuple[int, list[int]]]:
+    """(prompt index, the ids generated after its prompt) for every prompt of `batches`: greedy, left padded, up to
+    max_new_tokens; a row that stopped early holds its stop token, then padding. The one generate call of evaluation
+    (generate_batches) and of longctx.summarize."""
     device = next(model.parameters()).device
     collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
     out = []
@@ -129,9 +138,15 @@ def generate_batches(model, tokenizer, prompts: list[Prompt], batches: list[list
             eos_token_id=stop_ids,
             pad_token_id=tokenizer.pad_token_id,
         )
-        new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
-        out += [(i, decode_prediction(tokenizer, ids, stop_ids)) for i, ids in zip(chunk, new_tokens)]
+        out += list(zip(chunk, output[:, batch["input_ids"].shape[1]:].tolist()))
     return out
+
+
+def generate_batches(model, tokenizer, prompts: list[Prompt], batches: list[list[int]], generation: GenerationArguments,
+                     stop_ids: list[int]) -> list[tuple[int, Prediction]]:
+    """(prompt index, prediction) for every prompt of `batches`."""
+    return [(i, decode_prediction(tokenizer, ids, stop_ids))
+            for i, ids in generate_ids(model, tokenizer, prompts, batches, generation, stop_ids)]
 
 
 def merge_in_order(pairs: list[tuple[int, Prediction]], num_prompts: int) -> list[Prediction]:

@@ -14,6 +14,7 @@ from ..config import parse_config, validate_attention_masks, validate_chat_templ
 from ..data.chat import check_template
 from ..data.records import check_records
 from ..errors import ConfigError
+from ..model import averaging
 from ..model.loading import resolve_dtype
 from ..run import checkpoints
 from ..run.checkpoints import Checkpoint
@@ -81,6 +82,15 @@ class EvalArguments:
         default=5, metadata={"help": "Fewest examples in a prompt-length bucket; one with fewer is merged with a "
                                      "neighbour. 5: 12 validation examples give 2 buckets, 400 give quartiles."}
     )
+    average: list[str] | None = field(
+        default=None, metadata={"help": "Also score the exact average of these checkpoints' LoRA updates as one more "
+                                        "row, e.g. checkpoint-400 checkpoint-450 final_adapter (its adapter: "
+                                        "OUTPUT_DIR/averages/average-400+450+474; longctx/model/averaging.py)."}
+    )
+    average_last: int | None = field(
+        default=None, metadata={"help": "Also score the exact average of the run's last K complete checkpoints (one "
+                                        "per step: final_adapter only where no checkpoint-N has its step)."}
+    )
     preflight: bool = field(
         default=False, metadata={"help": "Check the settings and list what needs scoring, loading no model: exit 0 "
                                          "when there is work, 4 when every checkpoint is already scored (report "
@@ -106,6 +116,10 @@ class EvalJob:
     @property
     def results_path(self) -> Path:
         return self.output_dir / RESULTS_FILE
+
+    @property
+    def scores_average(self) -> bool:
+        return self.options.average is not None or self.options.average_last is not None
 
     @property
     def scores_base(self) -> bool:
@@ -148,6 +162,16 @@ def _check_options(options: EvalArguments) -> None:
     problem = length_settings_problem(options.length_buckets, options.length_bucket_min_examples)
     if problem:
         raise ConfigError(problem)
+    averages = [name for name in ("average", "average_last") if getattr(options, name) is not None]
+    if len(averages) == 2:
+        raise ConfigError("settings 'average' and 'average_last' exclude each other: give one of them.")
+    for other in ("checkpoint", "follow"):
+        if averages and getattr(options, other):
+            raise ConfigError(f"settings '{averages[0]}' and '{other}' exclude each other: an average is one more row "
+                              f"of a whole run scored once (--all_checkpoints, as eval_all_checkpoints.sh runs it); "
+                              f"drop one of them.")
+    if options.average_last is not None and options.average_last < 2:
+        raise ConfigError(f"setting 'average_last' = {options.average_last}: use 2 or more.")
 
 
 def parse_job(argv: list[str] | None) -> EvalJob:
@@ -179,6 +203,11 @@ def parse_job(argv: list[str] | None) -> EvalJob:
         if not output_dir.is_dir():
             raise ConfigError(f"setting 'output_dir' = {str(output_dir)!r}: no such directory; set OUTPUT_DIR (or "
                               f"--output_dir) to the training run's output directory.")
+        if options.average is not None:  # complete, of distinct steps, averageable: before any weight
+            averaging.load_members(averaging.named_checkpoints(output_dir, options.average))
+    elif options.average is not None or options.average_last is not None:
+        raise ConfigError("an average is one more row of a whole run: add --all_checkpoints (eval_all_checkpoints.sh "
+                          "passes it).")
     else:
         raise ConfigError("setting 'checkpoint' is unset: pass --checkpoint DIR, or --all_checkpoints.")
     settings = scoring_settings(model, data, generation, check_template(model, data))

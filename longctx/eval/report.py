@@ -17,6 +17,9 @@ Writes into the run directory:
   loss_curve.csv      the plotted points: step, train_loss, eval_loss (empty where not logged at that step)
   best_checkpoint     symbolic link (relative) to the best checkpoint by ROUGE-Lsum
 
+An average of checkpoints (a row with average_of) is listed after the checkpoints, compared with the best on the same
+examples, and never the best itself (best_row says why); it is not a point of the step plot or the loss curve.
+
 Everything here reads results rows, predictions files (per-example scores and prompt lengths: the paired and length
 analyses, longctx.eval.analysis) and trainer_state.json; nothing loads a model.
 """
@@ -49,20 +52,29 @@ from ..utils.atomic_write import atomic_path, write_atomic
 from . import analysis
 from .analysis import Bucket, Interval
 from .metrics import ROUGE_TYPES
-from .results import read_predictions, read_results, row_predictions_path, select_rows
+from .results import is_average, read_predictions, read_results, row_predictions_path, select_rows
 
 LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 
 
 def by_step(rows: list[dict]) -> list[dict]:
-    """Rows in step order; at equal steps checkpoint-N before final_adapter (they hold the same weights)."""
-    return sorted(rows, key=lambda r: (r["global_step"], r["checkpoint"] == FINAL_ADAPTER,
+    """Rows in step order; at equal steps checkpoint-N before final_adapter (they hold the same weights); averages of
+    checkpoints last (no point of training: they sit after it), by their last member's step."""
+    return sorted(rows, key=lambda r: (is_average(r), r["global_step"], r["checkpoint"] == FINAL_ADAPTER,
                                        r["checkpoint"]))
 
 
 def best_row(rows: list[dict], metric: str = "rougeLsum") -> dict | None:
-    """Highest `metric` among the trained checkpoints (never the base model); ties go to the earliest step."""
-    rows = [r for r in by_step(rows) if r.get(metric) is not None and r["checkpoint"] != BASE_MODEL]
+    """Highest `metric` among the trained checkpoints (never the base model, never an average of checkpoints); ties
+    go to the earliest step.
+
+    Why not an average: the best is a point of training (a step on the curves, with its eval loss and a checkpoint to
+    resume or deploy); an average is chosen after looking at these very scores, and its members were picked on them
+    too, so calling it best when it tops the table by a hair would be winner's curse on the validation set. Its row
+    is compared with the best on the same examples instead (paired difference): the report says whether the average
+    is better, by how much, and whether the examples support it."""
+    rows = [r for r in by_step(rows) if r.get(metric) is not None and r["checkpoint"] != BASE_MODEL
+            and not is_average(r)]
     return max(rows, key=lambda r: r[metric]) if rows else None
 
 
@@ -155,7 +167,8 @@ class Findings:
         if not self.best or not self.paired:
             return ""
         parts = []
-        for name, label in ((BASE_MODEL, "base model"), (FINAL_ADAPTER, FINAL_ADAPTER)):
+        averages = [(r["checkpoint"], r["checkpoint"]) for r, _ in self.paired if is_average(r)]
+        for name, label in ((BASE_MODEL, "base model"), (FINAL_ADAPTER, FINAL_ADAPTER), *averages):
             difference = self.difference(name)
             if difference is not None:
                 verdict = "excludes" if difference.excludes_zero else "includes"
@@ -277,7 +290,8 @@ def summary_markdown(rows: list[dict], trainer_state: dict, run_dir: str | Path 
     losses = eval_losses(trainer_state)
     best = best_row(rows)
     findings = findings or Findings(best=best)
-    with_loss = [r for r in rows if r["global_step"] in losses and r["checkpoint"] != BASE_MODEL]
+    with_loss = [r for r in rows if r["global_step"] in losses and r["checkpoint"] != BASE_MODEL
+                 and not is_average(r)]
     best_loss = min(with_loss, key=lambda r: losses[r["global_step"]]) if with_loss else None
     lines = [f"# Evaluation of {Path(run_dir).resolve().name}", ""]
     if rows:
@@ -299,6 +313,11 @@ def summary_markdown(rows: list[dict], trainer_state: dict, run_dir: str | Path 
                      "before scoring (column think); column max: predictions stopped by max_new_tokens.")
         lines.append("- Row `base` (step 0): the base model without adapter, the same prompts and generation. Column "
                      "tokens: mean prediction / mean reference tokens (the run's tokenizer, plain text).")
+        for r in rows:
+            if is_average(r):
+                lines.append(f"- Row `{r['checkpoint']}`: the exact average of the LoRA updates of "
+                             f"{', '.join(r['average_of'])} (an adapter of rank {r.get('average_rank', '?')}; step: "
+                             f"its last member's), never the best: the paired table compares it with the best.")
         lines.append("")
     if best:
         lines.append(f"**Best by ROUGE-Lsum:** {best['checkpoint']} (step {best['global_step']}): "
@@ -315,7 +334,7 @@ def summary_markdown(rows: list[dict], trainer_state: dict, run_dir: str | Path 
               "|---|---:|" + "---:|" * len(ROUGE_TYPES) + "---:|" * (len(counts) + 3)]
     for r in rows:
         name = f"**{r['checkpoint']}**" if r is best else r["checkpoint"]
-        loss = losses.get(r["global_step"])
+        loss = None if is_average(r) else losses.get(r["global_step"])  # no eval loss of its own
         lines.append(f"| {name} | {r['global_step']} | " + " | ".join(_cell(r, m) for m in ROUGE_TYPES)
                      + f" | {'' if loss is None else f'{loss:.4f}'} | {_tokens_cell(r)} | "
                      + " | ".join(str(r.get(c, "")) for c in counts) + f" | {r['num_examples']} |")
@@ -340,7 +359,7 @@ def rouge_points(rows: list[dict]) -> list[dict]:
     step, checkpoint, each metric and its interval (None where the row has none)."""
     points, seen = [], set()
     for r in by_step(rows):
-        if r["global_step"] in seen:
+        if r["global_step"] in seen or is_average(r):  # an average is no point of training
             continue
         seen.add(r["global_step"])
         point = {"step": r["global_step"], "checkpoint": r["checkpoint"]}
@@ -549,7 +568,8 @@ def write_report(run_dir: str | Path, rows: list[dict], findings: Findings | Non
     losses = loss_points(state)
     if losses:  # nothing logged (no trainer_state.json): no loss plot
         out["loss_plot"] = plot_loss(losses, run_dir / LOSS_PLOT,
-                                     [r["global_step"] for r in rows if r["checkpoint"] != BASE_MODEL],
+                                     [r["global_step"] for r in rows if r["checkpoint"] != BASE_MODEL
+                                      and not is_average(r)],
                                      best["global_step"] if best else None)
         out["loss_data"] = write_csv(run_dir / LOSS_CSV, losses)
     link = link_best(run_dir, best)
@@ -564,11 +584,12 @@ def format_table(rows: list[dict]) -> str:
         return "no results"
     rows = by_step(rows)
     best = best_row(rows)
-    lines = [f"{'checkpoint':<24}{'step':>8}" + "".join(f"{m:>11}" for m in ROUGE_TYPES)
+    width = max(24, *(len(r["checkpoint"]) + 2 for r in rows))  # an average's name can be longer
+    lines = [f"{'checkpoint':<{width}}{'step':>8}" + "".join(f"{m:>11}" for m in ROUGE_TYPES)
              + f"{'Lsum 95% CI':>18}{'tokens pred/ref':>17}{'empty':>7}{'n':>6}"]
     for r in rows:
         ci = f"[{r['rougeLsum_low']:.3f}, {r['rougeLsum_high']:.3f}]" if "rougeLsum_low" in r else ""
-        lines.append(f"{r['checkpoint']:<24}{r['global_step']:>8}" + "".join(f"{r[m]:>11.4f}" for m in ROUGE_TYPES)
+        lines.append(f"{r['checkpoint']:<{width}}{r['global_step']:>8}" + "".join(f"{r[m]:>11.4f}" for m in ROUGE_TYPES)
                      + f"{ci:>18}{_tokens_cell(r):>17}{r.get('num_empty', ''):>7}{r['num_examples']:>6}"
                      + (" *" if r is best else ""))
     lines.append(f"* best by rougeLsum: {best['checkpoint']} (step {best['global_step']})" if best else

@@ -1,9 +1,11 @@
-"""The results store: RUN_DIR/eval_results.jsonl (one row per scored checkpoint, and `base`, the model without
-adapter) and the predictions files (CHECKPOINT/eval_predictions.jsonl, RUN_DIR/eval_base_predictions.jsonl): one
+"""The results store: RUN_DIR/eval_results.jsonl (one row per scored checkpoint, `base`, the model without adapter,
+and each average of checkpoints) and the predictions files (CHECKPOINT/eval_predictions.jsonl,
+RUN_DIR/eval_base_predictions.jsonl, RUN_DIR/averages/<name>/eval_predictions.jsonl): one
 line per validation example with its token counts and ROUGE scores, what every later analysis reads.
 
 A row is reused instead of scored again when its eval_fingerprint (longctx.eval.job.scoring_settings: a hash of
-everything that changes the predictions or their scores) equals the current one. Rows are
+everything that changes the predictions or their scores) equals the current one; an average's row also only while its
+members' adapters are those it was scored from (average_sha256, their manifests' sha256). Rows are
 written by rewriting the whole file beside and renaming it over the old one, under an exclusive lock of the run
 directory, so a run killed at any moment leaves whole rows only, and two evaluations of one run never lose each
 other's rows. `longctx.eval.report`'s command line reads rows through `read_results` too.
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..run.checkpoints import Checkpoint
-from ..run.layout import BASE_MODEL, BASE_PREDICTIONS_FILE, PREDICTIONS_FILE, RESULTS_FILE
+from ..run.layout import AVERAGES_DIR, BASE_MODEL, BASE_PREDICTIONS_FILE, PREDICTIONS_FILE, RESULTS_FILE
 from ..utils.atomic_write import write_atomic
 from .metrics import ROUGE_TYPES
 
@@ -43,7 +45,25 @@ class BaseModel:
     global_step: ClassVar[int] = 0
 
 
-Scored = Checkpoint | BaseModel  # what one results row scores
+@dataclass(frozen=True)
+class Average(Checkpoint):
+    """The exact average of several checkpoints' LoRA updates (longctx.model.averaging), scored as one more row named
+    after its members' steps (average-400+450+474) at the step of its last member. Its adapter directory,
+    RUN_DIR/averages/<name>/, is written when it is to be scored; its predictions go there."""
+
+    members: tuple = ()  # longctx.model.averaging.Member, in step order
+
+    @property
+    def member_sha256(self) -> list[str]:
+        return [m.adapter_sha256 for m in self.members]
+
+
+Scored = Checkpoint | BaseModel  # what one results row scores (an Average is a Checkpoint)
+
+
+def is_average(row: dict) -> bool:
+    """A row of an average of checkpoints: never the best, not on the step axis (longctx.eval.report)."""
+    return "average_of" in row
 
 
 def predictions_path(target: Scored) -> Path:
@@ -58,7 +78,7 @@ def row_predictions_path(run_dir: str | Path, row: dict) -> Path:
     run_dir = Path(run_dir)
     if row["checkpoint"] == BASE_MODEL:
         return run_dir / BASE_PREDICTIONS_FILE
-    path = run_dir / row["checkpoint"] / PREDICTIONS_FILE
+    path = run_dir / (AVERAGES_DIR if is_average(row) else "") / row["checkpoint"] / PREDICTIONS_FILE
     if not path.parent.is_dir() and row.get("checkpoint_path"):
         path = Path(row["checkpoint_path"]) / PREDICTIONS_FILE
     return path

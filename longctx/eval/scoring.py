@@ -1,7 +1,8 @@
-"""The scoring loop: what to score now (the base model, then complete checkpoints, not yet scored with these
-settings), each one's predictions on every rank, its predictions file and results row, W&B and the report on rank 0.
-Every step where the other ranks wait for rank 0, or for each other, goes through `rank_failures`, so a failure
-anywhere stops every rank."""
+"""The scoring loop: what to score now (the base model, then complete checkpoints, then an average of checkpoints
+(--average / --average_last: its adapter written by rank 0 under OUTPUT_DIR/averages/ before any rank loads it), not
+yet scored with these settings), each one's predictions on every rank, its predictions file and results row, W&B and
+the report on rank 0. Every step where the other ranks wait for rank 0, or for each other, goes through
+`rank_failures`, so a failure anywhere stops every rank."""
 
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ import torch
 
 from .. import exit_status
 from ..errors import ConfigError
+from ..model import averaging
 from ..planner.evaluation import shared_gpus_warning
 from ..planner.runplan import make_evaluation_plan
 from ..run import checkpoints
-from ..run.directory import visible_gpus
-from ..run.layout import FINAL_ADAPTER, RUN_INFO
+from ..run.directory import git_state, visible_gpus
+from ..run.layout import AVERAGES_DIR, FINAL_ADAPTER, RUN_INFO
 from ..utils.distributed import print0, teardown, use_timeout_for_new_groups
 from . import rank_failures, report, results
 from .generation import Evaluator, Prediction
 from .job import EvalArguments, EvalJob
 from .metrics import ROUGE_TYPES, fmeasures, means_with_intervals, score_pairs
-from .results import BaseModel, Scored
+from .results import Average, BaseModel, Scored
 from .wandb_log import WandbLogger
 
 
@@ -46,12 +48,14 @@ class WarnOnce:
 
 
 def pending_checkpoints(job: EvalJob, done: set[str], warn: WarnOnce) -> tuple[list[Scored], bool]:
-    """(what to score now: the base model first, unless --no_base or --checkpoint, then checkpoints in step order;
-    whether final_adapter is among the checkpoints found). Rank 0 only. `done`: the names this invocation has scored
-    or found scored; those found scored now are added to it.
+    """(what to score now: the base model first, unless --no_base or --checkpoint, then checkpoints in step order,
+    then the average of --average / --average_last; whether final_adapter is among the checkpoints found). Rank 0
+    only. `done`: the names this invocation has scored or found scored; those found scored now are added to it.
 
-    Raises ConfigError when, without --follow, the run holds no complete checkpoint at all."""
-    already = results.scored_names(results.read_results(job.results_path, warn), job.fingerprint)
+    Raises ConfigError when, without --follow, the run holds no complete checkpoint at all, or when the average's
+    members are not complete checkpoints of the run that can be averaged."""
+    rows = results.select_rows(results.read_results(job.results_path, warn), job.fingerprint)
+    already = {row["checkpoint"] for row in rows}
     if job.single:
         found = [job.single]
     else:  # checkpoints already scored (or scored by this invocation) are not verified again
@@ -60,8 +64,15 @@ def pending_checkpoints(job: EvalJob, done: set[str], warn: WarnOnce) -> tuple[l
     if not found and not job.options.follow:
         raise ConfigError(f"setting 'output_dir' = {str(job.output_dir)!r}: holds no complete checkpoint yet; wait "
                           f"for training to save one, or add --follow to score them as they appear.")
+    candidates: list[Scored] = ([BaseModel(job.output_dir)] if job.scores_base else []) + found
+    if job.scores_average:
+        average = average_target(job, found)
+        scored = next((row for row in rows if row["checkpoint"] == average.name), None)
+        if scored is not None and scored.get("average_sha256") != average.member_sha256:
+            already.discard(average.name)  # its members' adapters changed since: scored again
+        candidates.append(average)
     todo, skipped = [], []
-    for ckpt in ([BaseModel(job.output_dir)] if job.scores_base else []) + found:
+    for ckpt in candidates:
         if ckpt.name in done:
             continue
         if ckpt.name in already and not job.options.force:
@@ -75,6 +86,46 @@ def pending_checkpoints(job: EvalJob, done: set[str], warn: WarnOnce) -> tuple[l
     return todo, any(c.name == FINAL_ADAPTER for c in found)
 
 
+def average_target(job: EvalJob, found: list[checkpoints.Checkpoint]) -> Average:
+    """The average of --average NAME ... or --average_last K among the run's complete checkpoints `found`: its
+    members checked (longctx.model.averaging), its adapter directory OUTPUT_DIR/averages/<name>. ConfigError when
+    they are not complete checkpoints of the run that can be averaged."""
+    options = job.options
+    if options.average is not None:
+        by_name = {c.name: c for c in found}
+        if all(name in by_name for name in options.average):  # complete (verified now, or scored before)
+            chosen = averaging.check_choice([by_name[name] for name in options.average], "average",
+                                            "[" + ", ".join(options.average) + "]")
+        else:  # checked when the evaluation started, gone or incomplete since: the same message as then
+            chosen = averaging.named_checkpoints(job.output_dir, options.average)
+        setting = "average"
+    else:
+        chosen = averaging.last_distinct(found, options.average_last)
+        if len(chosen) < options.average_last:
+            raise ConfigError(f"setting 'average_last' = {options.average_last}: {job.output_dir} holds only "
+                              f"{len(chosen)} complete checkpoint(s) of distinct steps "
+                              f"({', '.join(c.name for c in chosen) or 'none'}); use --average_last {len(chosen)} or "
+                              f"fewer.")
+        setting = "average_last"
+    members = averaging.load_members(chosen, setting)
+    name = averaging.average_name(members)
+    return Average(job.output_dir / AVERAGES_DIR / name, members[-1].global_step, tuple(members))
+
+
+def prepare_average(target: Average, git_commit: str | None = None) -> averaging.TruncationError:
+    """Rank 0, before the average is scored: its adapter directory, written from its members unless already
+    written from exactly these (names, steps, adapter sha256). Prints what was averaged and what rank r would
+    cost. Returns the truncated-SVD error report."""
+    members = list(target.members)
+    report = averaging.written_average(target.path, members)
+    if report is None:
+        report = averaging.write_average(members, target.path, git_commit)
+        print0(f"wrote {target.path}: {averaging.describe(members, report)}")
+    else:
+        print0(f"{target.path} (written earlier from the same adapters): {averaging.describe(members, report)}")
+    return report
+
+
 def prediction_counts(predictions: list[Prediction]) -> dict[str, int]:
     """How many predictions were empty, had a reasoning block removed, or stopped at max_new_tokens."""
     return {"num_empty": sum(not p.text for p in predictions),
@@ -83,19 +134,32 @@ def prediction_counts(predictions: list[Prediction]) -> dict[str, int]:
 
 
 def describe(todo: list[Scored]) -> str:
-    """'the base model and 4 checkpoint(s)', '4 checkpoint(s)', 'the base model'."""
-    adapters = sum(not isinstance(t, BaseModel) for t in todo)
-    parts = ["the base model"] if len(todo) > adapters else []
-    return " and ".join(parts + ([f"{adapters} checkpoint(s)"] if adapters else []))
+    """'the base model and 4 checkpoint(s)', '4 checkpoint(s)', 'the base model', 'the base model, 4 checkpoint(s)
+    and 1 average'."""
+    averages = sum(isinstance(t, Average) for t in todo)
+    adapters = sum(not isinstance(t, BaseModel | Average) for t in todo)
+    parts = ["the base model"] if len(todo) > adapters + averages else []
+    parts += ([f"{adapters} checkpoint(s)"] if adapters else []) + ([f"{averages} average"] if averages else [])
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else "".join(parts)
 
 
 def mean_tokens(records: list[dict], key: str) -> float:
     return round(sum(r[key] for r in records) / len(records), 2)
 
 
+def average_fields(target: Average, report: averaging.TruncationError) -> dict:
+    """What an average's row records besides the scores: its members, their steps and adapter sha256 (the row is
+    reused only while these are the members' adapters), its rank, and what the members' rank would cost."""
+    return {"average_of": [m.name for m in target.members], "average_steps": [m.global_step for m in target.members],
+            "average_sha256": target.member_sha256, "average_rank": sum(m.rank for m in target.members),
+            "truncated_svd_error": report.record()}
+
+
 def results_row(job: EvalJob, target: Scored, evaluator: Evaluator, predictions: list[Prediction], scores: dict,
-                records: list[dict], seconds: float, num_processes: int) -> dict:
-    """One results row: `scores` (metrics.means_with_intervals), `records` (results.example_records)."""
+                records: list[dict], seconds: float, num_processes: int,
+                average: averaging.TruncationError | None = None) -> dict:
+    """One results row: `scores` (metrics.means_with_intervals), `records` (results.example_records); `average`:
+    the truncated-SVD report of an Average."""
     return {
         "checkpoint": target.name, "global_step": target.global_step, **scores,
         "num_examples": len(evaluator.prompts), "num_dropped_for_length": evaluator.dropped,
@@ -109,6 +173,7 @@ def results_row(job: EvalJob, target: Scored, evaluator: Evaluator, predictions:
         "chat_template_sha256": job.scoring_settings["chat_template_sha256"],
         "generation": evaluator.generation_used, "eval_fingerprint": job.fingerprint,
         **({} if isinstance(target, BaseModel) else {"checkpoint_path": str(target.path.resolve())}),
+        **(average_fields(target, average) if isinstance(target, Average) else {}),
         "num_processes": num_processes,
         "seconds": round(seconds, 2), "scored_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -148,12 +213,16 @@ class Scoring:
         self.logger: WandbLogger | None = None
         self.done: set[str] = set()
         self.last_new = time.monotonic()
+        self.average_reports: dict[str, averaging.TruncationError] = {}  # rank 0: of the averages written
 
     def next_round(self) -> tuple[list[Scored], bool, int]:
         """Rank 0: (what to score now, whether to stop after it, exit status)."""
         options = self.job.options
         todo, final_found = pending_checkpoints(self.job, self.done, self.warn)
         stop, status = not options.follow or final_found, 0
+        for target in todo:  # written before any rank loads it
+            if isinstance(target, Average):
+                self.average_reports[target.name] = prepare_average(target, git_state().commit)
         if todo:
             self.last_new = time.monotonic()
             print0(f"scoring {describe(todo)} of {self.job.output_dir} on {self.job.data.validation_file} "
@@ -174,7 +243,8 @@ class Scoring:
         job = self.job
         cuda = torch.cuda.is_available()
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 80.0
-        scorings = 1 if job.single else len(checkpoints.checkpoint_dirs(job.output_dir)) + job.scores_base
+        scorings = 1 if job.single else \
+            len(checkpoints.checkpoint_dirs(job.output_dir)) + job.scores_base + job.scores_average
         plan = make_evaluation_plan(job.model, job.lora, job.generation, prompt_tokens, self.state.num_processes,
                                     gpu_memory_gib=gpu_gib, checkpoints=max(scorings, 1),
                                     where=f" in {job.data.validation_file}")
@@ -201,7 +271,7 @@ class Scoring:
         records = results.example_records(evaluator.prompts, predictions, fmeasures(per_example),
                                           evaluator.count_tokens)
         row = results_row(self.job, target, evaluator, predictions, means_with_intervals(per_example), records,
-                          seconds, self.state.num_processes)
+                          seconds, self.state.num_processes, self.average_reports.get(target.name))
         results.write_predictions(target, records, print0)
         if "wandb" in self.job.options.report_to:
             self.logger = self.logger or WandbLogger(self.job.output_dir, self.job.options.run_name, self.job.fingerprint,

@@ -12,6 +12,7 @@ from ..run.layout import WANDB_RUN  # written by training with the W&B run's id 
 from ..utils.atomic_write import write_atomic
 from ..utils.distributed import print0
 from .report import length_points
+from .results import is_average
 
 if TYPE_CHECKING:
     from .report import Findings
@@ -59,9 +60,17 @@ class WandbLogger:
         self.run.define_metric(f"{self.key}/*", step_metric="train/global_step")
 
     def log(self, row: dict, records: list[dict]) -> None:
-        """One results row and its predictions (results.example_records) at the row's step."""
+        """One results row and its predictions (results.example_records) at the row's step. An average of checkpoints
+        is no point of training: its scores go into the run's summary under averages/<name>/ (averages@2/ ... with
+        the key), and its table beside the checkpoints', never onto the step axis."""
         table = self.wandb.Table(columns=PREDICTION_COLUMNS,
                                  data=[[record[c] for c in PREDICTION_COLUMNS] for record in records])
+        if is_average(row):
+            prefix = f"averages{self.key[len('rouge'):]}/{row['checkpoint']}"
+            self.run.summary.update({f"{prefix}/{k}": row[k] for k in row if k.startswith("rouge")}
+                                    | {f"{prefix}/mean_prediction_tokens": row["mean_prediction_tokens"]})
+            self.run.log({f"{self.tables}/{row['checkpoint']}": table})
+            return
         metrics = {f"{self.key}/{k}": row[k] for k in row if k.startswith("rouge")}
         self.run.log({"train/global_step": row["global_step"], **metrics, f"{self.key}/num_empty": row["num_empty"],
                       f"{self.key}/mean_prediction_tokens": row["mean_prediction_tokens"],

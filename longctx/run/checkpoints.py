@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import AdapterError, DiskFullError
+from ..errors import AdapterError, ConfigError, DiskFullError
 from ..utils.atomic_write import write_atomic
 from ..utils.disk import directory_bytes, free_bytes, human_bytes, is_disk_full
 from ..utils.hashing import sha256_file
@@ -160,6 +160,23 @@ def verify_adapter(path: str | Path, model) -> int:
         if saved[key] != shape or 0 in saved[key]:
             raise AdapterError(f"{path}: tensor {key} has shape {saved[key]}, expected {shape}")
     return len(expected)
+
+
+def complete_named(run_dir: str | Path, name: str, setting: str, value: str) -> Checkpoint:
+    """The checkpoint `name` (checkpoint-N or final_adapter) of `run_dir`, complete per its manifest; else a
+    ConfigError naming the setting (`setting` = `value`), what is wrong, and the run's complete checkpoints."""
+    run_dir = Path(run_dir)
+    path = run_dir / name
+    complete = ", ".join(c.name for c in find_checkpoints(run_dir, warn=lambda _: None)) \
+        if run_dir.is_dir() else ""
+    if not (CHECKPOINT_RE.match(name) or name == FINAL_ADAPTER) or not path.is_dir():
+        raise ConfigError(f"setting '{setting}' = {value}: no such checkpoint in {run_dir}; its complete checkpoints "
+                          f"are: {complete or 'none'}.")
+    problem = adapter_problem(path, require_manifest=True)
+    if problem:
+        raise ConfigError(f"setting '{setting}' = {value}: {path} is incomplete: {problem}; its complete checkpoints "
+                          f"are: {complete or 'none'}.")
+    return Checkpoint(path, global_step_of(path) or 0)
 
 
 def latest_resumable(run_dir: str | Path, warn=print) -> Checkpoint | None:

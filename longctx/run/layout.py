@@ -18,6 +18,10 @@ its names from here.
       eval_base_predictions.jsonl evaluation: the base model's predictions, one line per validation example
       eval_summary.md, rouge_by_step.png/.csv, rouge_by_length.png/.csv, loss_curve.png/.csv, best_checkpoint
                                   the evaluation's report
+      averages/                   evaluation --average / --average_last: averaged adapters, never a training checkpoint
+        average-400+450+474/        the exact average of the members' LoRA updates (longctx.model.averaging)
+          average.json                members, their steps and adapter sha256, the truncated-SVD error report
+          eval_predictions.jsonl      its row's predictions
 """
 
 from __future__ import annotations
@@ -59,12 +63,19 @@ MANIFEST = "manifest.json"  # written last: every file with its size (and the sh
 FINAL_STATE = "final_state.json"  # final_adapter's {global_step}
 PREDICTIONS_FILE = "eval_predictions.jsonl"
 
+# averaged adapters (longctx.model.averaging): OUTPUT_DIR/averages/average-<step>+<step>+.../, outside the pattern
+# of checkpoint-N, so checkpoint discovery, resume and the loss curve never take one for a training checkpoint
+AVERAGES_DIR = "averages"
+AVERAGE_PREFIX = "average-"  # + the members' steps joined by "+", ascending: average-400+450+474
+AVERAGE_RE = re.compile(r"^average-(\d+(?:\+\d+)+)(?:-[0-9a-f]{8})?$")  # -<sha8>: only when the steps run too long
+AVERAGE_INFO = "average.json"  # members (name, step, adapter sha256, rank, scaling), rank, truncated-SVD errors
+
 # What a run and its evaluation write into OUTPUT_DIR besides checkpoint-*: OVERWRITE=1 removes these and the
 # checkpoints, nothing else (files the project did not write stay).
 RUN_OUTPUTS = (
     FINAL_ADAPTER, f".{FINAL_ADAPTER}.tmp", RUN_CONFIG, RUN_INFO, WANDB_RUN, LENGTH_REPORT, BAD_RECORDS_REPORT,
     USABLE_DATA_DIR, WANDB_DIR, LENGTH_CACHE, PREEMPTED, RESULTS_FILE, SUMMARY_FILE, ROUGE_PLOT, ROUGE_CSV, LOSS_PLOT, LOSS_CSV,
-    BEST_LINK, BASE_PREDICTIONS_FILE, LENGTH_PLOT, LENGTH_CSV,
+    BEST_LINK, BASE_PREDICTIONS_FILE, LENGTH_PLOT, LENGTH_CSV, AVERAGES_DIR,
 )
 
 

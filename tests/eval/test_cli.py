@@ -4,6 +4,7 @@ checkpoints as training writes them, --preflight."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -230,3 +231,124 @@ def test_follow_warns_when_the_training_run_holds_the_same_gpus(tmp_path, monkey
     (tmp_path / "final_adapter").rmdir()
     (tmp_path / "run_info.json").write_text(json.dumps({"machine": {"host": "another-node", "gpus": ["3"]}}))
     assert scoring.follow_warning(tmp_path) is None
+
+
+# --- averages of checkpoints (--average, --average_last) -----------------------------------------------------------
+
+def score_made_run(run_dir, *flags: str) -> int:
+    """The evaluation's main on a run made by support.adapters (no training), from the repository root."""
+    return inprocess(run_dir, "--no_base", *flags)
+
+
+def test_an_average_is_listed_after_the_checkpoints_and_bad_choices_exit_2(tiny_dir, tmp_path, capsys):
+    from support.adapters import make_run
+
+    out = make_run(tiny_dir, tmp_path / "run")  # checkpoint-10, -20, -30, final_adapter (step 30)
+    assert score_made_run(out, "--preflight", "--average_last", "2") == 0
+    assert capsys.readouterr().out == ("4 checkpoint(s) and 1 average to score: checkpoint-10, checkpoint-20, "
+                                       "checkpoint-30, final_adapter, average-20+30\n")
+    assert inprocess(out, "--preflight", "--average", "final_adapter", "checkpoint-10") == 0  # any order
+    assert capsys.readouterr().out == ("the base model, 4 checkpoint(s) and 1 average to score: base, checkpoint-10, "
+                                       "checkpoint-20, checkpoint-30, final_adapter, average-10+30\n")
+    cases = [
+        (["--average_last", "4"], f"setting 'average_last' = 4: {out} holds only 3 complete checkpoint(s) of "
+                                  f"distinct steps (checkpoint-10, checkpoint-20, checkpoint-30); use --average_last "
+                                  f"3 or fewer."),
+        (["--average_last", "1"], "setting 'average_last' = 1: use 2 or more."),
+        (["--average", "checkpoint-10", "--average_last", "2"],
+         "settings 'average' and 'average_last' exclude each other: give one of them."),
+        (["--average_last", "2", "--follow"],
+         "settings 'average_last' and 'follow' exclude each other: an average is one more row of a whole run scored "
+         "once (--all_checkpoints, as eval_all_checkpoints.sh runs it); drop one of them."),
+        (["--average", "checkpoint-30", "final_adapter"],
+         "setting 'average' = [checkpoint-30, final_adapter]: checkpoint-30 and final_adapter are both step 30 (the "
+         "same weights, or the same name twice); name each checkpoint once."),
+        (["--average", "checkpoint-10", "checkpoint-40"],
+         f"setting 'average' = [checkpoint-10, checkpoint-40]: no such checkpoint in {out}; its complete checkpoints "
+         f"are: checkpoint-10, checkpoint-20, checkpoint-30, final_adapter."),
+    ]
+    for flags, line in cases:
+        for preflight in (["--preflight"], []):  # the launcher's preflight, and the scoring itself
+            assert score_made_run(out, *flags, *preflight) == 2, flags
+            assert capsys.readouterr().err.splitlines()[-1] == f"error: {line}"
+    assert not (out / "eval_results.jsonl").exists() and not (out / "averages").exists()  # nothing scored
+
+
+def test_an_average_is_scored_again_only_when_its_members_changed(tiny_dir, tmp_path, monkeypatch):
+    """Its row names its members' adapter sha256 (from their manifests): the same members are skipped, changed
+    ones (a checkpoint written again since) scored again."""
+    from support.adapters import make_run
+
+    out = make_run(tiny_dir, tmp_path / "run")
+    monkeypatch.chdir(REPO_ROOT)
+    job = cli.parse_job(["--config", str(out / "run_config.yaml"), "--output_dir", str(out), "--all_checkpoints",
+                         "--no_base", "--average_last", "2"])
+    found = [c.name for c in scoring.pending_checkpoints(job, set(), scoring.WarnOnce(False))[0]]
+    target = scoring.average_target(job, scoring.checkpoints.find_checkpoints(out))
+    assert (target.name, target.global_step, target.path) == ("average-20+30", 30, out / "averages" / "average-20+30")
+    shas = [json.loads((out / n / "manifest.json").read_text())["files"]["adapter_model.safetensors"]["sha256"]
+            for n in ("checkpoint-20", "checkpoint-30")]
+    assert target.member_sha256 == shas
+    done = {"checkpoint": "average-20+30", "global_step": 30, "eval_fingerprint": job.fingerprint,
+            "average_of": ["checkpoint-20", "checkpoint-30"], "average_sha256": shas}
+    rows = [{"checkpoint": name, "eval_fingerprint": job.fingerprint} for name in found[:-1]]
+    (out / "eval_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, done]))
+    assert scoring.pending_checkpoints(job, set(), scoring.WarnOnce(False))[0] == []
+    stale = {**done, "average_sha256": [shas[0], "0" * 64]}
+    (out / "eval_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, stale]))
+    assert [c.name for c in scoring.pending_checkpoints(job, set(), scoring.WarnOnce(False))[0]] == ["average-20+30"]
+
+
+@pytest.mark.e2e
+def test_an_average_of_two_checkpoints_is_scored_as_one_more_row_and_skipped_on_rerun(scored_run, tiny_dir, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """checkpoint-4 and checkpoint-5 of the real run: a row average-4+5 at step 5 whose predictions are those of a
+    model holding the mean of the two checkpoints' merged weights (merged by peft one by one, averaged here, generated
+    from with the evaluation's own prompts and greedy settings); a rerun skips it."""
+    from longctx.data.chat import template_name
+    from longctx.data.tokenizer import load_tokenizer
+    from longctx.eval.generation import build_prompts, generate
+    from support.adapters import base_model, merged_weights
+
+    out = copy_run(scored_run[0], tmp_path / "run")
+    shutil.copy(scored_run[0] / "eval_results.jsonl", out / "eval_results.jsonl")
+    flags = ["--generation_batch_size", "2", "--average", "checkpoint-5", "checkpoint-4"]  # any order
+    assert inprocess(out, *flags) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'averages' / 'average-4+5'}: average of checkpoint-4, checkpoint-5: the exact mean of " \
+           f"their LoRA updates, an adapter of rank 128 (2 x 64); truncated to rank 64, " in printed
+    assert "\nscoring 1 average of " in printed and "\nscored average-4+5 (step 5): " in printed
+    rows = rows_of(out)
+    assert [r["checkpoint"] for r in rows] == [*SCORED, "average-4+5"]
+    row = rows[-1]
+    shas = [json.loads((out / n / "manifest.json").read_text())["files"]["adapter_model.safetensors"]["sha256"]
+            for n in ("checkpoint-4", "checkpoint-5")]
+    assert (row["global_step"], row["average_of"], row["average_steps"], row["average_sha256"], row["average_rank"]) \
+        == (5, ["checkpoint-4", "checkpoint-5"], [4, 5], shas, 128)
+    assert row["checkpoint_path"] == str((out / "averages" / "average-4+5").resolve())
+    assert row["eval_fingerprint"] == rows[0]["eval_fingerprint"] and row["truncated_svd_error"]["rank"] == 64
+
+    monkeypatch.chdir(REPO_ROOT)  # the run's settings name files from there
+    job = cli.parse_job(["--config", str(out / "run_config.yaml"), "--output_dir", str(out), "--all_checkpoints",
+                         "--generation_batch_size", "2"])
+    tokenizer = load_tokenizer(job.model, padding_side="left")
+    prompts, _ = build_prompts(tokenizer, job.data, template_name(job.model))
+    first, second = (merged_weights(tiny_dir, out / n) for n in ("checkpoint-4", "checkpoint-5"))
+    mean_model = base_model(tiny_dir)
+    mean_model.load_state_dict({name: (first[name] + second[name]) / 2 for name in first})
+    expected = [p.text for p in generate(mean_model, tokenizer, prompts, job.generation)]
+    assert [p["prediction"] for p in scored_predictions_of_average(out)] == expected
+    assert any(expected)  # the later checkpoints write text: the comparison is not of empty strings
+
+    assert inprocess(out, *flags) == 0  # resumable: found scored, skipped, one row
+    assert "skipped: base, checkpoint-2, checkpoint-4, checkpoint-5, final_adapter, average-4+5;" in \
+        capsys.readouterr().out
+    assert [r["checkpoint"] for r in rows_of(out)] == [*SCORED, "average-4+5"]
+    summary = (out / "eval_summary.md").read_text()
+    assert "- Row `average-4+5`: the exact average of the LoRA updates of checkpoint-4, checkpoint-5" in summary
+    assert (out / "best_checkpoint").resolve().parent == out.resolve()  # a checkpoint of the run, never the average
+
+
+def scored_predictions_of_average(out):
+    return [json.loads(line) for line in
+            (out / "averages" / "average-4+5" / "eval_predictions.jsonl").read_text().splitlines()]

@@ -438,3 +438,36 @@ def test_command_line_takes_length_buckets_and_refuses_bad_ones(analysed_run, ca
         report.main([str(run_dir), "--length_buckets", "750", "250"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("error: setting 'length_buckets' = [750, 250]: use prompt token counts")
+
+
+def test_an_average_of_checkpoints_is_never_the_best_and_sits_after_the_checkpoints(analysed_run):
+    """An average of checkpoint-200 and checkpoint-300 that beats the best on every example by 0.1 (mean 0.65): the
+    best stays checkpoint-200 (a point of training); the average is the last row, off the step plot and the loss
+    plot's checkpoints, without an eval loss of its own (its step, 300, has one), and compared with the best on the
+    same examples: best minus it is -0.1 on every example, so every resampled mean is -0.1."""
+    run_dir, rows = analysed_run
+    name = "average-200+300"
+    (run_dir / "averages").mkdir()
+    path = run_dir / "averages" / name / "eval_predictions.jsonl"
+    write_predictions(run_dir / "averages", name, [v + 0.1 for v in LSUM["checkpoint-200"]])
+    average = row(name, 300, 0.65, num_examples=10, average_of=["checkpoint-200", "checkpoint-300"],
+                  average_rank=128)
+    assert report.row_predictions_path(run_dir, average) == path
+    rows = [average, *rows]
+    assert report.best_row(rows)["checkpoint"] == "checkpoint-200"
+    assert [r["checkpoint"] for r in report.by_step(rows)][-2:] == ["final_adapter", name]
+    assert [p["checkpoint"] for p in report.rouge_points(rows)] == ["base", "checkpoint-100", "checkpoint-200",
+                                                                     "checkpoint-300"]
+    findings = report.analyse(run_dir, rows)
+    difference = findings.difference(name)
+    assert (difference.mean, difference.low, difference.high) == pytest.approx((-0.1, -0.1, -0.1), abs=1e-12)
+    assert f"; {name} -0.1000 [-0.100, -0.100], excludes 0." in findings.best_line
+    md = report.summary_markdown(rows, STATE, run_dir, findings)
+    assert (f"- Row `{name}`: the exact average of the LoRA updates of checkpoint-200, checkpoint-300 (an adapter "
+            f"of rank 128; step: its last member's), never the best: the paired table compares it with the best."
+            in md.splitlines())
+    line = next(line for line in md.splitlines() if line.startswith(f"| {name} | 300 |"))
+    assert line.endswith("| 0.6500 [0.610, 0.680] |  |  | 0 |  |  | 10 |")  # no eval loss, no token counts given
+    table = report.format_table(rows).splitlines()
+    assert table[-2].split()[0] == name and not table[-2].endswith("*")
+    assert table[-1] == "* best by rougeLsum: checkpoint-200 (step 200)"

@@ -349,6 +349,11 @@ def test_predictions_keep_the_raw_output_where_it_differs_and_a_deleted_checkpoi
     assert results.row_predictions_path(tmp_path, {"checkpoint": "base"}) == tmp_path / "eval_base_predictions.jsonl"
     assert results.row_predictions_path(tmp_path, {"checkpoint": "checkpoint-1"}) == \
         ckpt.path / "eval_predictions.jsonl"
+    # an average of checkpoints: its adapter directory under averages/
+    average = {"checkpoint": "average-1+2", "average_of": ["checkpoint-1", "checkpoint-2"]}
+    assert results.is_average(average) and not results.is_average({"checkpoint": "checkpoint-1"})
+    assert results.row_predictions_path(tmp_path, average) == \
+        tmp_path / "averages" / "average-1+2" / "eval_predictions.jsonl"
 
 
 # --- intervals -----------------------------------------------------------------------------------------------------

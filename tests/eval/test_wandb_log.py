@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from longctx.eval.wandb_log import PREDICTION_COLUMNS
 from support.evaluation import SCORED, copy_run, rows_of
 from support.launching import run, wandb_records
 from support.paths import EVAL_000 as EVAL
@@ -90,3 +91,37 @@ def test_scoring_again_with_force_logs_under_a_new_key_never_twice_under_one(tra
     assert json.loads((out / "wandb_run.json").read_text())["evaluations"] == [
         {"key": "rouge", "fingerprint": fingerprint, "force": False},
         {"key": "rouge@2", "fingerprint": fingerprint, "force": True}]
+
+
+def test_an_average_goes_into_the_summary_and_its_table_never_onto_the_step_axis():
+    """An average of checkpoints is no point of training: logged at checkpoint-5's step it would sit on the ROUGE
+    curves beside checkpoint-5. Its scores go to the run's summary under averages/<name>/ (averages@2/ for the
+    second scoring's key), its predictions table beside the checkpoints'."""
+    from longctx.eval.wandb_log import WandbLogger
+
+    class FakeRun:
+        def __init__(self):
+            self.summary, self.logged = {}, []
+
+        def log(self, values):
+            self.logged.append(values)
+
+    class FakeWandb:
+        @staticmethod
+        def Table(columns, data):  # noqa: N802 - wandb's name
+            return ("table", tuple(columns), len(data))
+
+    row = {"checkpoint": "average-4+5", "global_step": 5, "average_of": ["checkpoint-4", "checkpoint-5"],
+           "rouge1": 0.5, "rougeLsum": 0.4, "rougeLsum_low": 0.3, "rougeLsum_high": 0.45, "num_empty": 0,
+           "mean_prediction_tokens": 12.5}
+    records = [{"id": "a", "prediction": "p", "reference": "r", "rougeLsum": 0.4, "prompt_tokens": 9,
+                "prediction_tokens": 1, "reference_tokens": 1}]
+    for key, tables, prefix in (("rouge", "predictions", "averages"), ("rouge@2", "predictions@2", "averages@2")):
+        logger = object.__new__(WandbLogger)
+        logger.wandb, logger.run, logger.key, logger.tables = FakeWandb, FakeRun(), key, tables
+        logger.log(row, records)
+        assert logger.run.summary == {f"{prefix}/average-4+5/rouge1": 0.5, f"{prefix}/average-4+5/rougeLsum": 0.4,
+                                      f"{prefix}/average-4+5/rougeLsum_low": 0.3,
+                                      f"{prefix}/average-4+5/rougeLsum_high": 0.45,
+                                      f"{prefix}/average-4+5/mean_prediction_tokens": 12.5}
+        assert logger.run.logged == [{f"{tables}/average-4+5": ("table", tuple(PREDICTION_COLUMNS), 1)}]
