@@ -8,6 +8,7 @@ multi-process test launches on a port of its own."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,11 @@ for _name, _value in OFFLINE.items():
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # before torch is imported: its threads share the cores
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    # A test run started in the background (`&` in a script, nohup) inherits SIGINT ignored, and an ignored signal
+    # stays ignored across exec: the launchers could not trap Ctrl-C. The processes the tests start get it as a
+    # terminal's foreground job has it (a caught signal is reset to its default by exec).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 SHARED_RUNS = ("trained_run", "scored_run", "reference_run")  # session fixtures that train through a launcher
 
 

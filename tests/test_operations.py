@@ -87,7 +87,7 @@ def kill_run(out) -> None:
             proc.kill()
 
 
-def test_a_second_launch_into_a_live_run_is_refused_naming_it(tmp_path, tiny_dir):
+def test_a_second_launch_into_a_live_run_is_refused_and_a_kill_9_of_the_run_blocks_no_relaunch(tmp_path, tiny_dir):
     out, fifo = tmp_path / "run", gate(tmp_path)
     exp = experiment_with(tmp_path, GATE.replace("{patch}", BEFORE_MODEL))
     flags = ["--max_train_samples", "8", "--num_train_epochs", "1", "--report_to", "none"]
@@ -104,28 +104,14 @@ def test_a_second_launch_into_a_live_run_is_refused_naming_it(tmp_path, tiny_dir
             rf", process {rank0.pid}, since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(last heartbeat \d+ s ago\); wait "
             rf"for it to end or stop it, or choose another OUTPUT_DIR \(a run that died without ending frees it 120 s "
             rf"after its last heartbeat\)\.\n", second.stderr)
-        with open(fifo, "w"):  # release the first run
-            pass
-        assert first.finish(timeout=600) == 0, first.output()[-3000:]
-    finally:
-        first.kill()
-    assert (out / "final_adapter").is_dir() and not (out / layout.RUN_LOCK).exists()  # released at its end
-
-
-def test_a_run_killed_with_kill_9_does_not_block_its_relaunch(tmp_path, tiny_dir):
-    out, fifo = tmp_path / "run", gate(tmp_path)
-    exp = experiment_with(tmp_path, GATE.replace("{patch}", BEFORE_MODEL))
-    flags = ["--max_train_samples", "8", "--num_train_epochs", "1", "--report_to", "none"]
-    first = Started(["bash", LAUNCH, exp, *flags], OUTPUT_DIR=str(out), GATE=str(fifo))
-    try:
-        first.wait_for("gate: before the model", timeout=300)
-        assert (out / layout.RUN_LOCK).is_file()
-    finally:
+    finally:  # then the live run is killed with kill -9: its lease stays behind, held by a dead process
         first.kill()
         kill_run(out)
+    assert (out / layout.RUN_LOCK).is_file()
     relaunch = run(["bash", TRAIN, *flags], OUTPUT_DIR=str(out))
     assert relaunch.returncode == 0, relaunch.stdout[-2000:] + relaunch.stderr[-2000:]
     assert f"OUTPUT_DIR {out}: the lease of a run that ended without releasing it (host " in relaunch.stdout
+    assert (out / "final_adapter").is_dir() and not (out / layout.RUN_LOCK).exists()  # released at its end
 
 
 def test_ctrl_c_checkpoints_the_step_and_exits_75_on_two_processes(tmp_path, tiny_dir):
@@ -181,20 +167,15 @@ def unfinished_copy(reference_run, tmp_path):
     return out
 
 
-@pytest.mark.parametrize("how", ["stopped for a signal", "SLURM requeue"])
-def test_overwrite_is_not_carried_out_again_by_a_relaunch_of_the_same_job(reference_run, tmp_path, how):
+def test_overwrite_is_not_carried_out_again_by_a_relaunch_after_a_stop_for_a_signal(reference_run, tmp_path):
+    """A wrapper that relaunches the same command (OVERWRITE=1 in it) after exit 75; the SLURM requeue, the other
+    relaunch of the same job, is the sbatch test below."""
     out = unfinished_copy(reference_run, tmp_path)
-    env = {"OVERWRITE": "1"}
-    if how == "stopped for a signal":
-        (out / layout.PREEMPTED).write_text(json.dumps({"step": 6, "signal": "SIGUSR1", "time": 0}))
-        reason = f"the run stopped for SIGUSR1 at step 6 with a checkpoint ({layout.PREEMPTED}), and this relaunch " \
-                 f"resumes it"
-    else:
-        env.update(SLURM_RESTART_COUNT="1", SLURM_JOB_ID="4242")
-        reason = "this is restart 1 of SLURM job 4242: the run it started resumes"
-    proc = run(["bash", TRAIN, *REFERENCE], OUTPUT_DIR=str(out), **env)
+    (out / layout.PREEMPTED).write_text(json.dumps({"step": 6, "signal": "SIGUSR1", "time": 0}))
+    proc = run(["bash", TRAIN, *REFERENCE], OUTPUT_DIR=str(out), OVERWRITE="1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"OVERWRITE=1 not applied: {reason}; to start afresh, choose another OUTPUT_DIR or delete it" in proc.stdout
+    assert (f"OVERWRITE=1 not applied: the run stopped for SIGUSR1 at step 6 with a checkpoint ({layout.PREEMPTED}), "
+            f"and this relaunch resumes it; to start afresh, choose another OUTPUT_DIR or delete it") in proc.stdout
     assert re.search(r"resuming from \S+checkpoint-6 \(step 6\)", proc.stdout)
     assert (out / "checkpoint-3").is_dir() and (out / "final_adapter").is_dir()
     assert not (out / layout.PREEMPTED).exists()  # finished: its next launch is a new decision
@@ -229,7 +210,9 @@ def test_a_requeued_sbatch_job_submitted_with_overwrite_resumes_instead(referenc
     proc = run(["bash", REPO_ROOT / "scripts" / "slurm_train.sh", "experiments/000_tiny_smoke", *REFERENCE], **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "job 77: 1 node(s), machine 0 at 127.0.0.1:29500 (restart 1)" in proc.stdout
-    assert "OVERWRITE=1 not applied: this is restart 1 of SLURM job 77: the run it started resumes" in proc.stdout
+    assert ("OVERWRITE=1 not applied: this is restart 1 of SLURM job 77: the run it started resumes; to start afresh, "
+            "choose another OUTPUT_DIR or delete it") in proc.stdout
+    assert re.search(r"resuming from \S+checkpoint-6 \(step 6\)", proc.stdout)
     assert (out / "checkpoint-3").is_dir() and (out / "checkpoint-6").is_dir() and (out / "final_adapter").is_dir()
 
 
