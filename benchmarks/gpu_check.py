@@ -28,6 +28,7 @@ measured alone, as the planner plans it. PYTORCH_ALLOC_CONF has expandable segme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -249,8 +250,11 @@ def run_group(group: str, steps: list[tuple], args, env: dict, out) -> list[dict
         startup = SMOKE_STARTUP if args.cpu_smoke else STARTUP
         for index, (_, name, tokens, seconds) in enumerate(remaining):
             row = wait_for_row(lines, name, time.monotonic() + seconds + (startup if index == 0 else 0))
-            if row is None:  # out of time, or the process ended without this step's line
+            if row is None or row is OUTPUT_ENDED:  # out of time, or the process ended without this step's line
                 ended = proc.poll()
+                if row is OUTPUT_ENDED:  # its output ends a moment before its status can be read: wait for it
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        ended = proc.wait(timeout=10)
                 row = {"step": name, "tokens": tokens, "status": "timeout" if ended is None else "error",
                        "error": f"no result within {seconds + (startup if index == 0 else 0)} s" if ended is None
                        else f"the process ended with status {ended} (see {group}.log)"}
@@ -275,14 +279,18 @@ def forward_lines(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
+OUTPUT_ENDED: dict = {}  # wait_for_row's answer when the child's output ended without the step's line
+
+
 def wait_for_row(lines: queue.Queue, name: str, deadline: float) -> dict | None:
+    """The step's row; None when the deadline passed first; OUTPUT_ENDED when the child's output ended first."""
     while True:
         try:
             line = lines.get(timeout=max(deadline - time.monotonic(), 0))
         except queue.Empty:
             return None
         if line is None:
-            return None
+            return OUTPUT_ENDED
         if line.startswith("ROW "):
             row = json.loads(line[4:])
             if row["step"] == name:
