@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import enum
+import importlib.util
 import json
 import math
 import os
@@ -401,11 +402,9 @@ def validate(settings: Settings, files_at_hand: bool = True, world_size: int | N
         _check(data.max_seq_length <= 8192, "attn_implementation", "eager",
                "eager attention materialises seq x seq scores; use auto or sdpa above 8192 tokens.")
     if training.report_to and "wandb" in training.report_to:
-        try:
-            import wandb  # noqa: F401
-        except ImportError as err:
+        if importlib.util.find_spec("wandb") is None:  # found, not imported: importing it takes a second
             raise ConfigError("setting 'report_to' includes wandb but wandb is not installed: "
-                              "pip install -r requirements.txt, or set report_to: none.") from err
+                              "pip install -r requirements.txt, or set report_to: none.")
     if training.deepspeed and isinstance(training.deepspeed, str):
         _check(Path(training.deepspeed).is_file(), "deepspeed", training.deepspeed,
                "file not found; point it at the experiment's ds_config_zero2.json.")

@@ -47,7 +47,7 @@ from .config import (
 from .data.chat import ChatFormat, template_name, template_record
 from .data.records import MAX_LISTED, read_records  # read_records: the training data checks' streaming reader
 from .data.tokenizer import load_tokenizer
-from .errors import ConfigError, DataError, RankFailed
+from .errors import ConfigError, DataError
 from .eval import rank_failures
 from .eval.generation import (
     AdapterSwapper,
@@ -68,7 +68,7 @@ from .settings import DATA_SUFFIXES, DataArguments, GenerationArguments, ModelAr
 from .utils.atomic_write import write_atomic
 from .utils.distributed import print0, teardown
 from .utils.hashing import sha256_file
-from .utils.warning_filters import silence_unactionable_warnings
+from .utils.jsonl import numbered_values
 
 RECORD_SUFFIX = ".summarize.json"  # beside OUTPUT: its settings and the documents cut to fit
 LISTED = 10  # documents named one by one in a refusal or truncation line; the rest are counted
@@ -389,13 +389,7 @@ class SummaryFile:
         content = self.path.read_bytes()
         whole = content.rfind(b"\n") + 1
         ids, count = set(), 0
-        for number, line in enumerate(content[:whole].split(b"\n")[:-1], start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
+        for number, row, line in numbered_values(content[:whole].split(b"\n")[:-1]):
             if not isinstance(row, dict) or not isinstance(row.get("id"), str) or "summary" not in row:
                 raise DataError(f"{self.path}:{number}: not a summary line ({line[:60].decode(errors='replace')!r}); "
                                 f"pass another --output, or remove the line.")
@@ -598,21 +592,7 @@ def summarize(job: Job) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    silence_unactionable_warnings()
-    try:
-        job = prepare(argv)
-        if job.options.preflight:
-            sys.exit(preflight(job))
-        status = summarize(job)
-    except (ConfigError, DataError) as err:
-        print0(f"error: {err}", file=sys.stderr)
-        sys.exit(exit_status.BAD_INPUT)
-    except RankFailed as err:  # raised on every rank at the same collective
-        print0(str(err), file=sys.stderr)
-        teardown()
-        sys.exit(err.failure.status)
-    if status:
-        sys.exit(status)
+    rank_failures.run_command(argv, prepare, preflight, summarize)
 
 
 if __name__ == "__main__":

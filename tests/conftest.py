@@ -31,6 +31,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 SHARED_RUNS = ("trained_run", "scored_run", "reference_run")  # session fixtures that train through a launcher
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """Tests that read the same trained run go to one worker (pytest-xdist --dist loadgroup), so it is trained once."""
     for item in items:

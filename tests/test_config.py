@@ -271,6 +271,21 @@ def test_validate_eager_attention_at_long_context(valid_args):
                  dataclasses.replace(data, max_seq_length=65536), lora, gen, training)
 
 
+def test_validate_report_to_wandb_without_wandb_installed(valid_args, tmp_path, monkeypatch):
+    """Checked by looking the package up, not importing it (importing wandb takes a second of every launch)."""
+    import importlib.util
+
+    model, data, lora, gen, _ = valid_args
+    training = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="wandb")
+    check(model, data, lora, gen, training)  # installed here
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(ConfigError) as info:
+        check(model, data, lora, gen, training)
+    assert str(info.value) == ("setting 'report_to' includes wandb but wandb is not installed: pip install -r "
+                               "requirements.txt, or set report_to: none.")
+
+
 def test_validate_refuses_a_padded_generation_batch_that_would_build_a_seq_by_seq_mask(valid_args, monkeypatch):
     model, data, lora, gen, training = valid_args
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)  # flash_attn not installed, here or there

@@ -153,16 +153,23 @@ def accumulation_dtypes(config: dict, tmp_path) -> tuple[str, list]:
 
 
 @pytest.mark.parametrize("experiment", ["009_text_summary", "010_text_summary_sp4", "011_million_tokens"])
-def test_zero2_accumulates_the_micro_batches_gradients_in_fp32(bf16_gpu, experiment, tmp_path):
+def test_every_bf16_experiment_keeps_fp32_gradient_accumulation_in_the_filled_config(bf16_gpu, experiment, tmp_path):
+    """The config DeepSpeed gets (the file with the Trainer's "auto" values filled) keeps the setting: the one the
+    engine test below shows DeepSpeed to act on. The shipped files are one text (also checked)."""
+    config = filled_config(training_args(experiment, tmp_path), ds_path(experiment))
+    assert config["bf16"]["enabled"] is True and config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds_path(experiment).read_text() == ds_path("009_text_summary").read_text()
+
+
+def test_zero2_accumulates_the_micro_batches_gradients_in_fp32(bf16_gpu, tmp_path):
     """bf16 weights, and the gradients of the step's micro-batches summed in fp32 (data_types.grad_accum_dtype):
     DeepSpeed's default is the model's dtype, and summing 8 (009) or 32 (010, 011) bf16 micro-batch gradients keeps
-    8 bits of mantissa. Measured with the shipped config on a real engine."""
-    config = filled_config(training_args(experiment, tmp_path), ds_path(experiment))
+    8 bits of mantissa. Measured with 009's config on a real engine (010's and 011's are the same file), and without
+    the setting for comparison."""
+    config = filled_config(training_args("009_text_summary", tmp_path), ds_path("009_text_summary"))
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2, train_batch_size=2)
-    assert config["bf16"]["enabled"] is True and config["data_types"] == {"grad_accum_dtype": "fp32"}
     params, buffers = accumulation_dtypes(config, tmp_path)
     assert params == "torch.bfloat16"
     assert buffers == [["torch.float32"], ["torch.float32"]]  # from the first micro-batch on
-    if experiment == "009_text_summary":  # what DeepSpeed does without the setting: the buffer in bf16
-        del config["data_types"]
-        assert accumulation_dtypes(config, tmp_path)[1] == [[], ["torch.bfloat16"]]
+    del config["data_types"]  # what DeepSpeed does without the setting: the buffer in bf16
+    assert accumulation_dtypes(config, tmp_path)[1] == [[], ["torch.bfloat16"]]

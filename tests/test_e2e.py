@@ -6,6 +6,7 @@ with it in test_equivalence.py."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,13 @@ def wandb_history(run_dir: Path) -> list[dict]:
 @pytest.fixture()
 def single_run(reference_run):
     return reference_run
+
+
+def test_the_tests_of_the_reference_run_share_one_worker_so_it_is_trained_once(reference_run, request):
+    """conftest's grouping is in effect: under pytest-xdist (--dist loadgroup) the test id carries its group, which
+    holds only when conftest marks the tests before xdist reads the marks (a session fixture is per worker)."""
+    under_xdist = "PYTEST_XDIST_WORKER" in os.environ
+    assert request.node.nodeid.endswith("@reference") == under_xdist, request.node.nodeid
 
 
 def test_single_process_writes_checkpoints_final_adapter_and_run_info(single_run):

@@ -7,12 +7,9 @@
 
 from __future__ import annotations
 
-import sys
-
 from .. import exit_status
-from ..errors import ConfigError, DataError, RankFailed
-from ..utils.distributed import print0, teardown
-from ..utils.warning_filters import silence_unactionable_warnings
+from ..utils.distributed import print0
+from . import rank_failures
 from .job import EvalJob, parse_job
 from .scoring import WarnOnce, describe, finish_report, pending_checkpoints, score_all
 
@@ -30,18 +27,4 @@ def preflight(job: EvalJob) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    silence_unactionable_warnings()
-    try:
-        job = parse_job(argv)
-        if job.options.preflight:
-            sys.exit(preflight(job))
-        status = score_all(job)
-    except (ConfigError, DataError) as err:
-        print0(f"error: {err}", file=sys.stderr)
-        sys.exit(exit_status.BAD_INPUT)
-    except RankFailed as err:  # raised on every rank at the same collective
-        print0(str(err), file=sys.stderr)
-        teardown()  # after the print: the launcher stops every process once one exits
-        sys.exit(err.failure.status)
-    if status:
-        sys.exit(status)
+    rank_failures.run_command(argv, parse_job, preflight, score_all)

@@ -12,13 +12,18 @@ within moments. The failed rank also prints its own traceback (the one line cann
 
 from __future__ import annotations
 
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import exit_status
 from ..errors import ConfigError, DataError, RankFailed
+from ..utils.distributed import print0, teardown
+from ..utils.warning_filters import silence_unactionable_warnings
+
+Job = TypeVar("Job")
 
 
 @dataclass(frozen=True)
@@ -83,3 +88,23 @@ def from_main(state, doing: str, work: Callable[[], Any]) -> Any:
     broadcast_object_list(message)
     _raise_first_failure(message)
     return message[0]
+
+
+def run_command(argv: list[str] | None, prepare: Callable[[list[str] | None], Job], preflight: Callable[[Job], int],
+                work: Callable[[Job], int]) -> None:
+    """main() of a command whose ranks work together (evaluation, summarize): bad input is one line and exit 2,
+    a rank's failure one line from rank 0 and every rank's exit with its status, otherwise `work`'s status
+    (`preflight`'s with --preflight: the launcher's check before it starts the processes)."""
+    silence_unactionable_warnings()
+    try:
+        job = prepare(argv)
+        status = preflight(job) if job.options.preflight else work(job)
+    except (ConfigError, DataError) as err:
+        print0(f"error: {err}", file=sys.stderr)
+        sys.exit(exit_status.BAD_INPUT)
+    except RankFailed as err:  # raised on every rank at the same collective
+        print0(str(err), file=sys.stderr)
+        teardown()  # after the print: the launcher stops every process once one exits
+        sys.exit(err.failure.status)
+    if status:
+        sys.exit(status)

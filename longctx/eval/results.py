@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 from ..run.checkpoints import Checkpoint
 from ..run.layout import AVERAGES_DIR, BASE_MODEL, BASE_PREDICTIONS_FILE, PREDICTIONS_FILE, RESULTS_FILE
 from ..utils.atomic_write import write_atomic
+from ..utils.jsonl import numbered_values
 from .metrics import ROUGE_TYPES
 
 if TYPE_CHECKING:
@@ -91,13 +92,7 @@ def read_results(path: str | Path, warn: Callable[[str], None] = print) -> list[
     if not path.is_file():
         return []
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
+    for number, row, line in numbered_values(path.read_text(encoding="utf-8").splitlines()):
         if not isinstance(row, dict) or "checkpoint" not in row:
             warn(f"{path}: line {number} is not a results row and is ignored (and dropped at the next write): "
                  f"{line[:80]!r}")
