@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from longctx.run import checkpoints, layout
+from support import gates
 from support.env import subprocess_env, write_jsonl
 from support.launching import (
     REFERENCE,
@@ -28,7 +29,7 @@ from support.launching import (
     wandb_records,
 )
 from support.paths import CONFIG_000 as CONFIG
-from support.paths import EVAL_PY_000, REPO_ROOT
+from support.paths import EVAL_PY_000, LAUNCH, REPO_ROOT
 from support.paths import TRAIN_000 as TRAIN
 from support.paths import TRAIN_PY_000 as TRAIN_PY
 
@@ -51,9 +52,12 @@ def kill_after_checkpoint(out: Path, extra: list[str], step: int, **env) -> None
     assert not (out / "final_adapter").exists(), "killed too late: the run had already finished"
 
 
-def relaunch_resumes(out: Path, extra: list[str], **env) -> tuple[subprocess.CompletedProcess, int]:
-    """The same command again (RESUME=auto): it must resume; returns the run and the step it resumed from."""
-    proc = run(["bash", TRAIN, *extra], OUTPUT_DIR=str(out), **env)
+def relaunch_resumes(out: Path, extra: list[str], exp: Path | None = None,
+                     **env) -> tuple[subprocess.CompletedProcess, int]:
+    """The same command again (RESUME=auto; 000's launcher, or `exp`'s): it must resume; returns the run and the
+    step it resumed from."""
+    command = ["bash", LAUNCH, exp] if exp else ["bash", TRAIN]
+    proc = run([*command, *extra], OUTPUT_DIR=str(out), **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = re.search(r"resuming from \S+checkpoint-(\d+) \(step (\d+)\)", proc.stdout)
     assert resumed, proc.stdout[-2000:]
@@ -86,40 +90,41 @@ def test_kill_and_relaunch_reproduces_the_uninterrupted_run(reference_run, tmp_p
 
 
 def test_a_stop_signal_to_one_rank_checkpoints_the_step_and_the_relaunch_resumes_exactly(reference_run, tmp_path):
-    """Two processes under ZeRO-2. After checkpoint-3, SIGUSR1 (what SLURM sends ahead of a time limit) goes to
-    rank 1 only: both ranks agree at the end of the step in progress (step K), a complete checkpoint-K is written,
-    the launcher exits with 75 and says how to resume; the same command then resumes from checkpoint-K and gives
-    the reference's numbers."""
-    out = tmp_path / "run"
+    """Two processes under ZeRO-2. While rank 0 is held inside step 4, SIGUSR1 (what SLURM sends ahead of a time
+    limit) goes to rank 1 only: both ranks agree at the end of step 4, a complete checkpoint-4 is written, the
+    launcher exits with 75 and says how to resume; the same command then resumes from checkpoint-4 and gives the
+    reference's numbers."""
+    out, fifo = tmp_path / "run", gates.gate(tmp_path)
+    exp = experiment_with(tmp_path, gates.inside_step(4))
     flags = [*REFERENCE, "--gradient_accumulation_steps", "1"]
     env = {"NUM_PROCESSES": "2", "MASTER_PORT": "29522"}
-    started = Started(["bash", TRAIN, *flags], OUTPUT_DIR=str(out), **env)
+    started = Started(["bash", LAUNCH, exp, *flags], OUTPUT_DIR=str(out), GATE=str(fifo), **env)
     try:
-        started.wait_for("checkpoint-3 (step 3)", timeout=600)
+        started.wait_for("gate: inside step 4", timeout=600)
         (rank1,) = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])
                     and "train_cluster.py" in " ".join(p.info["cmdline"]) and p.environ().get("RANK") == "1"]
-        signalled = time.monotonic()
+        # rank 1 waits for rank 0 in step 4's gradient reduction: its handler runs once that returns, within step 4
         rank1.send_signal(signal.SIGUSR1)
+        gates.release(fifo)
         code = started.finish(timeout=300)
     finally:
         started.kill()
     assert code == 75, started.output()[-3000:]
-    assert time.monotonic() - signalled < 120  # the step in progress, a save, the exit
     step = max(c.global_step for c in checkpoints.find_checkpoints(out, include_final=False))
-    assert 4 <= step < 7 and not (out / "final_adapter").exists()
+    assert step == 4 and not (out / "final_adapter").exists()
     assert "rank 1: got SIGUSR1; stopping at the end of this optimizer step with a checkpoint" in started.output()
-    assert started.lines[-1] == (f"preempted: stopped for SIGUSR1 at step {step}: checkpoint-{step} is "
-                                 f"saved; relaunch the same command to resume from it (the same on ranks 0, 1)")
-    _, resume_step = relaunch_resumes(out, flags, **env)
-    assert resume_step == step
+    assert started.lines[-1] == ("preempted: stopped for SIGUSR1 at step 4: checkpoint-4 is saved; relaunch the same "
+                                 "command to resume from it (the same on ranks 0, 1)")
+    _, resume_step = relaunch_resumes(out, flags, exp=exp, **env)
+    assert resume_step == 4
     assert_same_steps(step_metrics(out), step_metrics(reference_run[0]))
-    # one W&B run across the stop: the first launch's steps up to K (it was closed cleanly), the relaunch's after
+    # one W&B run across the stop: the first launch's steps up to 4 (it was closed cleanly), the relaunch's after
     run_id = json.loads((out / "wandb_run.json").read_text())["id"]
     folders = sorted((out / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)
     steps = [[r["history"]["item"]["train/global_step"] for r in wandb_records(f)
               if r.get("type") == "history" and "train/loss" in r["history"]["item"]] for f in folders]
-    assert steps == [list(range(1, step + 1)), list(range(step + 1, 8))]
+    assert steps == [[1, 2, 3, 4], [5, 6, 7]]
 
 
 def test_save_every_minutes_adds_checkpoints_by_wall_time(tmp_path, tiny_dir):

@@ -18,42 +18,13 @@ import psutil
 import pytest
 
 from longctx.run import checkpoints, layout
+from support import gates
 from support.disk import small_disk
 from support.launching import REFERENCE, Started, experiment_with, run
 from support.paths import LAUNCH, REPO_ROOT
 from support.paths import TRAIN_000 as TRAIN
 
 pytestmark = pytest.mark.e2e
-
-# Rank 0 stops where the test wants it and prints that it waits; a FIFO the test opens releases it (no sleep).
-GATE = """
-import os
-import longctx.train
-from longctx.training.trainer import LongContextTrainer
-
-def wait_at_gate(where):
-    if os.environ.get("RANK", "0") == "0":
-        print(f"gate: {where}", flush=True)
-        open(os.environ["GATE"]).read()
-
-{patch}
-"""
-BEFORE_MODEL = """
-_build = longctx.train.build_model
-def gated(settings):
-    wait_at_gate("before the model")
-    return _build(settings)
-longctx.train.build_model = gated
-"""
-IN_STEP_2 = """
-_step = LongContextTrainer.training_step
-def gated(self, *args, **kwargs):
-    if self.state.global_step == 2:
-        wait_at_gate("inside step 3")
-    return _step(self, *args, **kwargs)
-LongContextTrainer.training_step = gated
-"""
-
 
 # The disk fills up right after checkpoint-1 is complete (rank 0 writes its manifest last), as when another job
 # takes the space: the next checkpoint's writes meet the kernel's real ENOSPC.
@@ -73,12 +44,6 @@ callbacks.write_manifest = write_then_fill
 """
 
 
-def gate(tmp_path):
-    fifo = tmp_path / "gate"
-    os.mkfifo(fifo)
-    return fifo
-
-
 def kill_run(out) -> None:
     """kill -9 of every process of this run, as a scheduler would (torch's agent starts ranks in sessions of
     their own)."""
@@ -88,8 +53,8 @@ def kill_run(out) -> None:
 
 
 def test_a_second_launch_into_a_live_run_is_refused_and_a_kill_9_of_the_run_blocks_no_relaunch(tmp_path, tiny_dir):
-    out, fifo = tmp_path / "run", gate(tmp_path)
-    exp = experiment_with(tmp_path, GATE.replace("{patch}", BEFORE_MODEL))
+    out, fifo = tmp_path / "run", gates.gate(tmp_path)
+    exp = experiment_with(tmp_path, gates.BEFORE_MODEL)
     flags = ["--max_train_samples", "8", "--num_train_epochs", "1", "--report_to", "none"]
     first = Started(["bash", LAUNCH, exp, *flags], OUTPUT_DIR=str(out), GATE=str(fifo))
     try:
@@ -114,32 +79,48 @@ def test_a_second_launch_into_a_live_run_is_refused_and_a_kill_9_of_the_run_bloc
     assert (out / "final_adapter").is_dir() and not (out / layout.RUN_LOCK).exists()  # released at its end
 
 
-def test_ctrl_c_checkpoints_the_step_and_exits_75_on_two_processes(tmp_path, tiny_dir):
-    """SIGINT to the launcher's process group, as a terminal's Ctrl-C: both ranks stop at the end of the step in
-    progress with a complete checkpoint; the launcher says how to resume and exits 75."""
-    out = tmp_path / "run"
-    started = Started(["bash", TRAIN, *REFERENCE, "--gradient_accumulation_steps", "1"], OUTPUT_DIR=str(out),
-                      NUM_PROCESSES="2", MASTER_PORT="29571")
+def test_ctrl_c_checkpoints_the_step_and_exits_75_and_a_relaunch_with_overwrite_resumes_it(tmp_path, tiny_dir):
+    """SIGINT to the launcher's process group, as a terminal's Ctrl-C, while rank 0 is held inside step 4: both
+    ranks stop at the end of step 4 with a complete checkpoint; the launcher says how to resume and exits 75. Then a
+    wrapper relaunches the same command, OVERWRITE=1 in it: it is not carried out, the run resumes from checkpoint-4
+    and finishes. (The SLURM requeue, the other relaunch of the same job, is the sbatch test below.)"""
+    out, fifo = tmp_path / "run", gates.gate(tmp_path)
+    exp = experiment_with(tmp_path, gates.inside_step(4))
+    flags = [*REFERENCE, "--gradient_accumulation_steps", "1"]
+    env = {"OUTPUT_DIR": str(out), "NUM_PROCESSES": "2", "MASTER_PORT": "29571"}
+    started = Started(["bash", LAUNCH, exp, *flags], GATE=str(fifo), **env)
     try:
-        started.wait_for("checkpoint-3 (step 3)", timeout=600)
+        started.wait_for("gate: inside step 4", timeout=600)
         os.killpg(started.proc.pid, signal.SIGINT)
+        started.wait_for("rank 0: got SIGINT; stopping at the end of this optimizer step with a checkpoint", 60)
+        gates.release(fifo)
         code = started.finish(timeout=300)
     finally:
         started.kill()
     assert code == 75, started.output()[-3000:]
-    step = json.loads((out / layout.PREEMPTED).read_text())["step"]
-    assert 4 <= step < 7 and (out / f"checkpoint-{step}" / layout.MANIFEST).is_file()
+    assert json.loads((out / layout.PREEMPTED).read_text())["step"] == 4
+    assert (out / "checkpoint-4" / layout.MANIFEST).is_file() and not (out / "checkpoint-5").exists()
     assert ("Ctrl-C: every rank stops at the end of its optimizer step with a checkpoint (exit 75); Ctrl-C again "
             "stops them at once, losing the step in progress.") in started.lines
-    assert started.lines[-1] == (f"preempted: stopped for SIGINT at step {step}: checkpoint-{step} is saved; "
-                                 f"relaunch the same command to resume from it (the same on ranks 0, 1)")
+    assert started.lines[-1] == ("preempted: stopped for SIGINT at step 4: checkpoint-4 is saved; relaunch the same "
+                                 "command to resume from it (the same on ranks 0, 1)")
+
+    relaunch = run(["bash", LAUNCH, exp, *flags], OVERWRITE="1", **env)
+    assert relaunch.returncode == 0, relaunch.stdout[-3000:] + relaunch.stderr[-3000:]
+    assert relaunch.stdout.count("OVERWRITE=1 not applied") == 1
+    assert (f"OVERWRITE=1 not applied: the run stopped for SIGINT at step 4 with a checkpoint ({layout.PREEMPTED}), "
+            f"and this relaunch resumes it; to start afresh, choose another OUTPUT_DIR or delete it") in relaunch.stdout
+    assert re.search(r"resuming from \S+checkpoint-4 \(step 4\)", relaunch.stdout)
+    assert (out / "checkpoint-3").is_dir() and (out / "final_adapter").is_dir()
+    assert not (out / layout.PREEMPTED).exists()  # finished: its next launch is a new decision
+    assert not (out / layout.RUN_LOCK).exists()  # the lease is released at the end
 
 
 def test_a_second_ctrl_c_stops_every_rank_at_once(tmp_path, tiny_dir):
     """Rank 0 is held inside step 3 (the step cannot end): the first Ctrl-C is noted, the second ends every process
     of the run at once with exit 130; checkpoint-2, the last complete one, stays."""
-    out, fifo = tmp_path / "run", gate(tmp_path)
-    exp = experiment_with(tmp_path, GATE.replace("{patch}", IN_STEP_2))
+    out, fifo = tmp_path / "run", gates.gate(tmp_path)
+    exp = experiment_with(tmp_path, gates.inside_step(3))
     flags = [*REFERENCE, "--gradient_accumulation_steps", "1", "--save_steps", "2"]
     started = Started(["bash", LAUNCH, exp, *flags], OUTPUT_DIR=str(out), GATE=str(fifo), NUM_PROCESSES="2",
                       MASTER_PORT="29572")
@@ -165,20 +146,6 @@ def unfinished_copy(reference_run, tmp_path):
     shutil.rmtree(out / "final_adapter")
     shutil.rmtree(out / "checkpoint-7")
     return out
-
-
-def test_overwrite_is_not_carried_out_again_by_a_relaunch_after_a_stop_for_a_signal(reference_run, tmp_path):
-    """A wrapper that relaunches the same command (OVERWRITE=1 in it) after exit 75; the SLURM requeue, the other
-    relaunch of the same job, is the sbatch test below."""
-    out = unfinished_copy(reference_run, tmp_path)
-    (out / layout.PREEMPTED).write_text(json.dumps({"step": 6, "signal": "SIGUSR1", "time": 0}))
-    proc = run(["bash", TRAIN, *REFERENCE], OUTPUT_DIR=str(out), OVERWRITE="1")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (f"OVERWRITE=1 not applied: the run stopped for SIGUSR1 at step 6 with a checkpoint ({layout.PREEMPTED}), "
-            f"and this relaunch resumes it; to start afresh, choose another OUTPUT_DIR or delete it") in proc.stdout
-    assert re.search(r"resuming from \S+checkpoint-6 \(step 6\)", proc.stdout)
-    assert (out / "checkpoint-3").is_dir() and (out / "final_adapter").is_dir()
-    assert not (out / layout.PREEMPTED).exists()  # finished: its next launch is a new decision
 
 
 SRUN = """#!/usr/bin/env bash

@@ -27,8 +27,9 @@ from safetensors.torch import load_file
 
 from longctx.model.sequence_parallel import gradient_average_size
 from longctx.run import checkpoints, layout
-from support.launching import REFERENCE, Started, assert_same_steps, run, step_metrics
-from support.paths import CONFIG_000
+from support import gates
+from support.launching import REFERENCE, Started, assert_same_steps, experiment_with, run, step_metrics
+from support.paths import CONFIG_000, LAUNCH
 from support.paths import TRAIN_000 as TRAIN
 
 SP = [*REFERENCE, "--gradient_accumulation_steps", "2", "--sequence_parallel_size", "2", "--report_to", "none"]
@@ -179,22 +180,24 @@ def test_two_processes_sharing_every_sample_equal_one_process(reference_run, tmp
 
 @pytest.mark.e2e
 def test_sp_with_tiled_mlp_killed_and_relaunched_equals_one_process(reference_run, tmp_path):
-    """SP 2 with tiled_mlp (4 tiles per MLP) and activation checkpointing; kill -9 of the whole job after
-    checkpoint-3, then the same command: it resumes from step 3 (the inner dataloader skips the 3 batches per rank
-    already trained on) and every step's loss and grad_norm, and the final adapter, equal the reference's."""
-    out, env = tmp_path / "killed", sp_env()
+    """SP 2 with tiled_mlp (4 tiles per MLP) and activation checkpointing; kill -9 of the whole job while rank 0 is
+    held inside step 4 (after checkpoint-3), then the same command: it resumes from step 3 (the inner dataloader
+    skips the 3 batches per rank already trained on) and every step's loss and grad_norm, and the final adapter,
+    equal the reference's."""
+    out, env, fifo = tmp_path / "killed", sp_env(), gates.gate(tmp_path)
+    exp = experiment_with(tmp_path, gates.inside_step(4))
     flags = [*SP, *TILED]
-    started = Started(["bash", TRAIN, *flags], OUTPUT_DIR=str(out), **env)
+    started = Started(["bash", LAUNCH, exp, *flags], OUTPUT_DIR=str(out), GATE=str(fifo), **env)
     try:
-        started.wait_for("checkpoint-3 (step 3)", timeout=600)
+        started.wait_for("gate: inside step 4", timeout=600)
     finally:
         started.kill()
         for child in psutil.process_iter(["cmdline"]):  # each rank runs in a session of its own (torch elastic)
             if str(out) in " ".join(child.info["cmdline"] or []):
                 child.kill()
     assert "tiled MLP: on (2 layers, tiles of 128 tokens" in started.output()
-    assert (out / "checkpoint-3" / layout.MANIFEST).exists() and not (out / "final_adapter").exists()
-    proc = run(["bash", TRAIN, *flags], OUTPUT_DIR=str(out), **env)
+    assert (out / "checkpoint-3" / layout.MANIFEST).exists() and not (out / "checkpoint-4").exists()
+    proc = run(["bash", LAUNCH, exp, *flags], OUTPUT_DIR=str(out), **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"resuming from \S+checkpoint-3 \(step 3\)", proc.stdout), proc.stdout[-2000:]
     worst = assert_same_steps(step_metrics(out), step_metrics(reference_run[0]))
