@@ -431,11 +431,7 @@ def plot_rouge(points: list[dict], best: dict | None, num_examples: int, path: s
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(f"ROUGE by checkpoint ({num_examples} validation examples; bands: 95% bootstrap interval)")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_loss(points: list[dict], path: str | Path, checkpoint_steps: list[int] = (),
@@ -461,16 +457,18 @@ def plot_loss(points: list[dict], path: str | Path, checkpoint_steps: list[int] 
     ax.set_ylabel("loss (summary tokens)")
     ax.grid(alpha=0.3)
     ax.set_title("Loss from trainer_state.json")
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path) -> Path:
+    """Every plot's end: its legend, the layout, the PNG written atomically (a reader never sees half of one), the
+    figure closed."""
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:  # a reader never sees half a PNG
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+    _pyplot().close(fig)
+    return path
 
 
 def link_best(run_dir: str | Path, row: dict | None) -> Path | None:
@@ -542,11 +540,7 @@ def plot_length(points: list[dict], best: dict | None, path: str | Path) -> Path
     ax.set_ylim(-0.03, 1)  # a model that scores 0 (an untrained base) stays visible
     ax.grid(alpha=0.3, axis="y")
     ax.set_title("ROUGE-Lsum by prompt length (error bars: 95% bootstrap interval)")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def write_report(run_dir: str | Path, rows: list[dict], findings: Findings | None = None) -> dict[str, Path]:

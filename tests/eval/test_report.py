@@ -133,10 +133,10 @@ def test_each_plot_has_its_plotted_data_beside_it_as_csv(run_dir, monkeypatch):
     drawn = {}  # file name -> {line label: (x, y)} as matplotlib holds them when the figure is saved
     real_save = report._save
 
-    def save_and_keep_lines(fig, path):
+    def save_and_keep_lines(fig, ax, path):
         drawn[path.name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
                             for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")}
-        real_save(fig, path)
+        return real_save(fig, ax, path)
 
     monkeypatch.setattr(report, "_save", save_and_keep_lines)
     paths = report.write_report(run_dir, ROWS)
@@ -219,11 +219,11 @@ def test_plots_keep_coinciding_metrics_apart_and_show_whole_steps(tmp_path, monk
     figures = {}
     real_save = report._save
 
-    def save_and_keep(fig, path):
+    def save_and_keep(fig, ax, path):
         ax = fig.axes[0]
         figures[path.name] = {"lines": {line.get_label(): line for line in ax.get_lines()},
                               "xticks": list(ax.get_xticks()), "xlim": ax.get_xlim()}
-        real_save(fig, path)
+        return real_save(fig, ax, path)
 
     monkeypatch.setattr(report, "_save", save_and_keep)
     (tmp_path / "checkpoint-7").mkdir()
@@ -363,9 +363,9 @@ def test_the_length_plot_draws_its_csv(analysed_run, monkeypatch):
     drawn = {}
     real_save = report._save
 
-    def save_and_keep(fig, path):  # each series is an errorbar container: its data line, then the bars
+    def save_and_keep(fig, ax, path):  # each series is an errorbar container: its data line, then the bars
         drawn[path.name] = {c.get_label(): list(c.lines[0].get_ydata()) for c in fig.axes[0].containers}
-        real_save(fig, path)
+        return real_save(fig, ax, path)
 
     monkeypatch.setattr(report, "_save", save_and_keep)
     paths = report.write_report(run_dir, rows)
