@@ -161,12 +161,7 @@ def format_evaluation(memory: EvalMemory, gpu_memory_gib: float | None, seconds:
     lines = [header]
     for p in memory.parts:
         lines.append(f"    {p.name:<22}{human_bytes(p.bytes):>11}   {p.note}")
-    verdict = ""
-    if gpu_memory_gib is not None:
-        room = gpu_memory_gib * GIB - memory.peak_bytes
-        verdict = (f": fits in {gpu_memory_gib:g} GiB ({human_bytes(room)} to spare)" if room >= 0 else
-                   f": DOES NOT FIT in {gpu_memory_gib:g} GiB (over by {human_bytes(-room)}): lower "
-                   f"generation_batch_size or max_new_tokens")
+    verdict = _verdict(memory.peak_bytes, gpu_memory_gib, "lower generation_batch_size or max_new_tokens")
     lines.append(f"    {'peak':<22}{human_bytes(memory.peak_bytes):>11}{verdict}")
     if seconds is not None:
         lines.append(f"  time: {prompts:,} prompts over {gpus} GPU(s): {human_duration(seconds)} per checkpoint"
@@ -184,11 +179,16 @@ def format_training_evaluation(memory: MemoryEstimate, gpu_memory_gib: float | N
     for p in memory.held + memory.phases:
         mark = "  <- peak" if p is peak_phase else ""
         lines.append(f"    {p.name:<26}{human_bytes(p.bytes):>11}   {p.note}{mark}")
-    verdict = ""
-    if gpu_memory_gib is not None:
-        room = gpu_memory_gib * GIB - memory.peak_bytes
-        verdict = (f": fits in {gpu_memory_gib:g} GiB ({human_bytes(room)} to spare)" if room >= 0 else
-                   f": DOES NOT FIT in {gpu_memory_gib:g} GiB (over by {human_bytes(-room)}): "
-                   + "; or ".join(advice))
+    verdict = _verdict(memory.peak_bytes, gpu_memory_gib, "; or ".join(advice))
     lines.append(f"    {'estimated peak':<26}{human_bytes(memory.peak_bytes):>11}{verdict}")
     return lines
+
+
+def _verdict(peak_bytes: float, gpu_memory_gib: float | None, advice: str) -> str:
+    """': fits in N GiB (... to spare)' or ': DOES NOT FIT in N GiB (over by ...): <advice>'; '' with no GPU."""
+    if gpu_memory_gib is None:
+        return ""
+    room = gpu_memory_gib * GIB - peak_bytes
+    if room >= 0:
+        return f": fits in {gpu_memory_gib:g} GiB ({human_bytes(room)} to spare)"
+    return f": DOES NOT FIT in {gpu_memory_gib:g} GiB (over by {human_bytes(-room)}): {advice}"
