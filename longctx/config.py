@@ -113,12 +113,17 @@ def parse_config(argv: list[str] | None = None, dataclass_types=DATACLASSES, tol
         raise
     except ValueError as err:  # a dataclass __post_init__ (e.g. TrainingArguments) rejected a value
         raise ConfigError(f"{known.config or 'command line'}: {err}") from err
+    refuse_unknown_flags(parser, remaining)
+    return tuple(p for p in parsed if not isinstance(p, argparse.Namespace)), known.config, extra
+
+
+def refuse_unknown_flags(parser: HfArgumentParser, remaining: list[str]) -> None:
+    """ConfigError naming the first command-line string `parser` left over, with the nearest flag it knows."""
     if remaining:
         flags = sorted(f"--{d}" for d in {action.dest for action in parser._actions})
         near = difflib.get_close_matches(remaining[0].split("=")[0], flags, n=1)
         hint = f" Did you mean '{near[0]}'?" if near else " See --help for every setting."
         raise ConfigError(f"command line: unknown setting {remaining[0].split('=')[0]!r}.{hint}")
-    return tuple(p for p in parsed if not isinstance(p, argparse.Namespace)), known.config, extra
 
 
 def parse_settings(argv: list[str] | None = None, extra_groups: tuple = (),

@@ -41,7 +41,6 @@ one line, and nothing is written.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import gc
 import json
 import os
@@ -56,7 +55,7 @@ from pathlib import Path
 import torch
 
 from . import exit_status
-from .config import SettingsParser, parse_config, validate_chat_template
+from .config import SettingsParser, parse_config, refuse_unknown_flags, validate_chat_template
 from .data.chat import ChatFormat, template_name, template_record
 from .data.tokenizer import load_tokenizer
 from .errors import ConfigError, DataError
@@ -156,11 +155,7 @@ class Verification:
 def parse_arguments(argv: list[str]) -> ExportArguments:
     parser = SettingsParser([ExportArguments], description=__doc__.split("\n\n")[0])
     args, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if remaining:
-        flag = remaining[0].split("=")[0]
-        near = difflib.get_close_matches(flag, [f"--{f.name}" for f in dataclasses.fields(ExportArguments)], n=1)
-        raise ConfigError(f"command line: unknown setting {flag!r}." + (f" Did you mean '{near[0]}'?" if near else
-                                                                        " See --help for every setting."))
+    refuse_unknown_flags(parser, remaining)
     return args
 
 
@@ -193,15 +188,8 @@ def choose_source(args: ExportArguments, run_dir: Path) -> Source:
         chosen = averaging.named_checkpoints(run_dir, args.average, "average")
         setting = "average"
     else:
-        k = args.average_last
         found = checkpoints.find_checkpoints(run_dir, warn=lambda _: None)
-        chosen = averaging.last_distinct(found, k)
-        if k < 2 or len(chosen) < k:
-            have = ", ".join(c.name for c in averaging.last_distinct(found, len(found))) or "none"
-            raise ConfigError(f"setting 'average_last' = {k}: " + ("use 2 or more." if k < 2 else
-                              f"{run_dir} holds only {len(chosen)} complete checkpoint(s) of distinct steps ({have}); "
-                              f"use --average_last {len(chosen)} or fewer."))
-        chosen = averaging.check_choice(chosen, "average_last", str(k))
+        chosen = averaging.last_complete(found, args.average_last, run_dir)
         setting = "average_last"
     members = averaging.load_members(chosen, setting)
     return Source(averaging.average_name(members), members[-1].global_step, members=members)

@@ -100,12 +100,7 @@ def average_target(job: EvalJob, found: list[checkpoints.Checkpoint]) -> Average
             chosen = averaging.named_checkpoints(job.output_dir, options.average)
         setting = "average"
     else:
-        chosen = averaging.last_distinct(found, options.average_last)
-        if len(chosen) < options.average_last:
-            raise ConfigError(f"setting 'average_last' = {options.average_last}: {job.output_dir} holds only "
-                              f"{len(chosen)} complete checkpoint(s) of distinct steps "
-                              f"({', '.join(c.name for c in chosen) or 'none'}); use --average_last {len(chosen)} or "
-                              f"fewer.")
+        chosen = averaging.last_complete(found, options.average_last, job.output_dir)
         setting = "average_last"
     members = averaging.load_members(chosen, setting)
     name = averaging.average_name(members)

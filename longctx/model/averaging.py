@@ -144,6 +144,19 @@ def last_distinct(found: list[Checkpoint], k: int) -> list[Checkpoint]:
     return [by_step[step] for step in sorted(by_step)][-k:] if k > 0 else []
 
 
+def last_complete(found: list[Checkpoint], k: int, run_dir: str | Path) -> list[Checkpoint]:
+    """--average_last K: the last K of the run's complete checkpoints `found`, of distinct steps (last_distinct).
+    ConfigError (one line) when K is under 2 or the run holds fewer."""
+    if k < 2:
+        raise ConfigError(f"setting 'average_last' = {k}: use 2 or more.")
+    chosen = last_distinct(found, k)
+    if len(chosen) < k:
+        raise ConfigError(f"setting 'average_last' = {k}: {run_dir} holds only {len(chosen)} complete checkpoint(s) of "
+                          f"distinct steps ({', '.join(c.name for c in chosen) or 'none'}); use --average_last "
+                          f"{len(chosen)} or fewer.")
+    return chosen
+
+
 def check_choice(chosen: list[Checkpoint], setting: str, value: str) -> list[Checkpoint]:
     """At least two members of distinct steps, in step order. ConfigError (one line) otherwise."""
     if len(chosen) < 2:
